@@ -1,0 +1,210 @@
+"""The one place that chooses a method.
+
+Each method answers `not_supported_reasons(inputs)`; this module adds the memory check, walks a priority list
+and returns the first method with no reasons, or raises one error naming every method and its reasons.
+A forced method goes through the same check. Performance heuristics live here only, as named constants.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .inputs import AttentionInputs
+from .methods import REGISTRY, Method
+
+ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says method="auto"
+
+# Below this length the quadratic form is a single matmul and beats the chunked scan on CPU
+# (leetdecoding bench: vanilla vs chunked cross over between N = 128 and 256 at H = 8, D = 128).
+VANILLA_MAX_N = 128
+# Chunk size of the chunked method. 64 balances the intra-chunk quadratic work (N C (Dk + Dv)) against the
+# state work (N Dk Dv) for head dims around 128 (measured with benchmarks/chunk_size.py).
+CHUNK_SIZE = 64
+# Working memory per segment of the chunked method: large enough that a segment is many chunks per matmul.
+SEGMENT_BYTES = 64 << 20
+# Working memory per group of rank-one terms in fleet.
+FLEET_BUDGET_BYTES = 64 << 20
+# A plan may use at most this fraction of the memory available on the device.
+MEMORY_HEADROOM = 0.8
+# Plans below this size are never memory-checked (querying the OS costs more than the risk).
+MEMORY_CHECK_MIN_BYTES = 256 << 20
+
+
+class MethodRefusedError(ValueError):
+    """No method (or not the forced one) can run these inputs; the message lists every reason."""
+
+
+@dataclass
+class Choice:
+    method: Method
+    options: dict
+    reason: str
+    refusals: dict[str, list[str]] = field(default_factory=dict)
+    estimate_bytes: int = 0
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new allocations on `device`: the CUDA driver's count, or the OS's available memory."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse
+
+
+def options_for(method: Method, x: AttentionInputs) -> dict:
+    if method.name == "chunked":
+        return {"chunk_size": CHUNK_SIZE, "segment_bytes": SEGMENT_BYTES}
+    if method.name == "fleet":
+        return {"budget_bytes": FLEET_BUDGET_BYTES}
+    return {}
+
+
+def estimate_bytes(method: Method, x: AttentionInputs, options: dict) -> int:
+    """Planned peak allocation: the method's working memory, the output and the final state."""
+    out = x.batch * x.heads * x.seq_len * x.dv * x.q.element_size()
+    state = x.batch * x.heads * x.dk * x.dv * torch.finfo(x.compute_dtype).bits // 8
+    return int(method.extra_memory_bytes(x, **options)) + out + state
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def priority(x: AttentionInputs) -> tuple[list[str], str]:
+    """Methods in the order "auto" tries them, and why that order."""
+    if x.seq_len <= VANILLA_MAX_N:
+        return (
+            ["vanilla", "chunked", "recursion", "fleet", "recurrent"],
+            f"N={x.seq_len} <= {VANILLA_MAX_N}: the quadratic form is one matmul and fastest at this length",
+        )
+    return (
+        ["chunked", "recursion", "fleet", "recurrent", "vanilla"],
+        f"N={x.seq_len} > {VANILLA_MAX_N}: chunked does O(N) work in large batched matmuls",
+    )
+
+
+def reasons_for(method: Method, x: AttentionInputs, options: dict, memory: dict) -> tuple[list[str], int]:
+    reasons = list(method.not_supported_reasons(x))
+    need = estimate_bytes(method, x, options)
+    if need >= MEMORY_CHECK_MIN_BYTES:
+        if "free" not in memory:
+            memory["free"] = available_memory(x.device)
+        limit = MEMORY_HEADROOM * memory["free"]
+        if need > limit:
+            reasons.append(
+                f"needs about {format_bytes(need)} but {format_bytes(memory['free'])} is available on "
+                f"{x.device.type} (limit {MEMORY_HEADROOM:.0%} of it)"
+            )
+    return reasons, need
+
+
+def known_methods() -> str:
+    return ", ".join(["auto", *REGISTRY])
+
+
+def resolve_name(method) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, one of {known_methods()}; got {type(method).__name__}.")
+    if method == "auto":
+        forced = os.environ.get(ENV_METHOD, "").strip()
+        if forced and forced != "auto":
+            if forced not in REGISTRY:
+                raise ValueError(f"{ENV_METHOD}={forced!r} is not a method; known: {known_methods()}.")
+            return forced
+        return "auto"
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}; known: {known_methods()}.")
+    return method
+
+
+def choose(x: AttentionInputs, method: str = "auto") -> Choice:
+    name = resolve_name(method)
+    memory: dict = {}
+    if name != "auto":
+        m = REGISTRY[name]
+        opts = options_for(m, x)
+        reasons, need = reasons_for(m, x, opts, memory)
+        if reasons:
+            raise MethodRefusedError(
+                f"method {name!r} cannot run {x.describe()}: " + "; ".join(reasons) + ". "
+                f"Hint: method='auto' picks one that can (see leetdecoding.explain)."
+            )
+        how = f"forced by {ENV_METHOD}" if method == "auto" else "forced by method="
+        return Choice(m, opts, how, {}, need)
+    order, why = priority(x)
+    refusals: dict[str, list[str]] = {}
+    for n in order:
+        m = REGISTRY[n]
+        opts = options_for(m, x)
+        reasons, need = reasons_for(m, x, opts, memory)
+        if not reasons:
+            return Choice(m, opts, why, refusals, need)
+        refusals[n] = reasons
+    listing = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refusals.items())
+    raise MethodRefusedError(f"no method can run {x.describe()}:\n{listing}")
+
+
+@dataclass
+class Explanation:
+    """What "auto" (or a forced method) does with these inputs, and why each other method is not used."""
+
+    inputs: str
+    method: str | None
+    options: dict
+    reason: str
+    refusals: dict[str, list[str]]
+    others: list[str]
+    estimate_bytes: int
+
+    def __repr__(self) -> str:
+        lines = [f"inputs: {self.inputs}"]
+        if self.method is None:
+            lines.append(f"no method can run these inputs: {self.reason}")
+        else:
+            opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+            lines.append(f"chosen: {self.method}" + (f" ({opts})" if opts else ""))
+            lines.append(f"  why: {self.reason}")
+            lines.append(f"  planned memory: {format_bytes(self.estimate_bytes)}")
+        for n, r in self.refusals.items():
+            lines.append(f"refused: {n}: {'; '.join(r)}")
+        for n in self.others:
+            lines.append(f"also possible (lower priority): {n}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def explain(x: AttentionInputs, method: str = "auto") -> Explanation:
+    memory: dict = {}
+    try:
+        c = choose(x, method)
+    except MethodRefusedError as e:
+        refusals = {n: reasons_for(m, x, options_for(m, x), memory)[0] for n, m in REGISTRY.items()}
+        return Explanation(x.describe(), None, {}, str(e), {n: r for n, r in refusals.items() if r}, [], 0)
+    refusals, others = {}, []
+    for n, m in REGISTRY.items():
+        if n == c.method.name:
+            continue
+        r = reasons_for(m, x, options_for(m, x), memory)[0]
+        if r:
+            refusals[n] = r
+        else:
+            others.append(n)
+    return Explanation(x.describe(), c.method.name, c.options, c.reason, refusals, others, c.estimate_bytes)

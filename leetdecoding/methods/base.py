@@ -1,0 +1,159 @@
+"""What every method declares, and the decay factors they share.
+
+A method is a small class: capabilities as data, formulas for flops and extra memory,
+`not_supported_reasons(inputs)` and `forward(inputs, **options) -> (o, final_state or None)`.
+Every decay factor below is exp(non-positive): lambda^(-j) is never formed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..inputs import AttentionInputs
+
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set this (see tests/conftest.py) so that any output element a method forgets to write is NaN.
+FILL_UNWRITTEN_WITH_NAN = os.environ.get("LEETDECODING_DEBUG_NAN", "") == "1"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class Method:
+    name: str = ""
+    algorithm: str = ""
+    backend: str = "torch"
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+    max_head_dim: int | None = None
+    supports_grad: bool = True
+    supports_state: bool = True
+    supports_varlen: bool = False
+    time_complexity: str = ""
+    memory_complexity: str = ""
+    time_exponent: float = 1.0  # how time grows with N, for the benchmark's time budget
+    options: dict = {}  # tunable parameters with their defaults (the dispatcher sets them)
+
+    # ----- declarations answered per input -----
+    def unavailable_reason(self) -> str | None:
+        """Why this method cannot run in this process at all (a missing package), or None."""
+        return None
+
+    def flops(self, x: AttentionInputs, **options) -> float:
+        raise NotImplementedError
+
+    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+        """Peak working memory beyond inputs and output, in bytes."""
+        raise NotImplementedError
+
+    def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
+        reasons = []
+        missing = self.unavailable_reason()
+        if missing:
+            reasons.append(missing)
+        if x.device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)}, not {x.device.type}")
+        if x.dtype not in self.dtypes:
+            reasons.append(
+                f"supports {', '.join(_dtype_name(d) for d in self.dtypes)}, not {_dtype_name(x.dtype)}"
+            )
+        if self.max_head_dim is not None and max(x.dk, x.dv) > self.max_head_dim:
+            reasons.append(f"head dims up to {self.max_head_dim}, got Dk={x.dk}, Dv={x.dv}")
+        if x.requires_grad and not self.supports_grad:
+            reasons.append("no gradient support (an input requires grad)")
+        return reasons
+
+    def forward(self, x: AttentionInputs, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "algorithm": self.algorithm,
+            "backend": self.backend,
+            "devices": list(self.devices),
+            "dtypes": [_dtype_name(d) for d in self.dtypes],
+            "max_head_dim": self.max_head_dim,
+            "time": self.time_complexity,
+            "memory": self.memory_complexity,
+            "grad": self.supports_grad,
+            "state": self.supports_state,
+            "varlen": self.supports_varlen,
+            "available": self.unavailable_reason() is None,
+            "unavailable_reason": self.unavailable_reason(),
+        }
+
+
+# ----- shared pieces -----
+
+
+def new_output(x: AttentionInputs, n: int | None = None) -> torch.Tensor:
+    shape = (x.batch, x.heads, x.seq_len if n is None else n, x.dv)
+    if FILL_UNWRITTEN_WITH_NAN:
+        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def head_log_decay(x: AttentionInputs) -> torch.Tensor:
+    """log lambda shaped (1, H, 1, 1) to broadcast over (B, H, N, D)."""
+    return x.log_decay.view(1, -1, 1, 1)
+
+
+def decay_powers(log_decay: torch.Tensor, exponents: torch.Tensor, ndim: int = 4) -> torch.Tensor:
+    """exp(log_lambda * e) for non-negative exponents e (n,), shaped (1, H, 1.., n, 1) with `ndim` dims."""
+    mid = (1,) * (ndim - 4)
+    return torch.exp(log_decay.view(1, -1, *mid, 1, 1) * exponents.view(1, 1, *mid, -1, 1))
+
+
+def causal_decay_matrix(log_decay: torch.Tensor, n: int) -> torch.Tensor:
+    """D[h, t, s] = lambda_h^(t - s) for s <= t, else 0; shaped (1, H, n, n)."""
+    idx = torch.arange(n, device=log_decay.device, dtype=log_decay.dtype)
+    diff = idx[:, None] - idx[None, :]
+    d = torch.exp(log_decay.view(1, -1, 1, 1) * diff.clamp(min=0))
+    return d.masked_fill(diff < 0, 0.0)
+
+
+def positions(n: int, x: AttentionInputs, start: int = 0) -> torch.Tensor:
+    return torch.arange(start, start + n, device=x.device, dtype=x.compute_dtype)
+
+
+def state_contribution(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """sum_s lambda^(n-1-s) k_s^T v_s over the n rows of k (B, H, ..., n, Dk) and v: the state a block leaves."""
+    n = k.shape[-2]
+    e = torch.arange(n - 1, -1, -1, device=k.device, dtype=k.dtype)
+    return (k * decay_powers(log_decay, e, k.ndim)).transpose(-1, -2) @ v
+
+
+def final_state(x: AttentionInputs, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """State after the whole sequence: lambda^N S_init + sum_s lambda^(N-1-s) k_s^T v_s (compute dtype)."""
+    s = state_contribution(k, v, x.log_decay)
+    if x.initial_state is not None:
+        s = s + torch.exp(head_log_decay(x) * x.seq_len) * x.initial_state
+    return s
+
+
+def initial_state_output(x: AttentionInputs, q: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """lambda^(t+1) q_t S_init for the rows t = start .. start + n - 1 of q (B, H, n, Dk)."""
+    return (q * decay_powers(x.log_decay, positions(q.shape[2], x, start + 1))) @ x.initial_state
+
+
+def finish(x: AttentionInputs, o: torch.Tensor) -> torch.Tensor:
+    """Apply the scale in the compute dtype, then cast to the input dtype."""
+    if x.scale != 1.0:
+        o = o * x.scale
+    return o.to(x.dtype)
+
+
+def elem_bytes(x: AttentionInputs) -> int:
+    return torch.finfo(x.compute_dtype).bits // 8
+
+
+def upcast_bytes(x: AttentionInputs) -> int:
+    """Memory of compute-dtype copies of q, k, v when the inputs are low precision."""
+    if x.dtype == x.compute_dtype:
+        return 0
+    return elem_bytes(x) * x.batch * x.heads * x.seq_len * (2 * x.dk + x.dv)
