@@ -7,7 +7,7 @@
 """
 
 from . import decay
-from .api import attention, explain, list_methods
+from .api import attention, decode_step, explain, list_methods
 from .dispatch import MethodRefusedError
 from .original import causal_linear_decoder
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "decode_step",
     "explain",
     "list_methods",
     "causal_linear_decoder",

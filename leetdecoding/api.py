@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
-from .inputs import AttentionInputs, validate
+from . import dispatch, segments
+from .inputs import AttentionInputs, validate, validate_decode
 from .methods import REGISTRY
+from .methods.base import finish
+from .methods.recurrent import step
 
 
 def _empty_sequence(x: AttentionInputs):
@@ -14,7 +16,7 @@ def _empty_sequence(x: AttentionInputs):
     if x.initial_state is not None:
         state = x.initial_state.clone()  # lambda^0 S_init: never alias the caller's tensor
     else:
-        state = torch.zeros(x.batch, x.heads, x.dk, x.dv, dtype=x.compute_dtype, device=x.device)
+        state = torch.zeros(x.num_sequences, x.heads, x.dk, x.dv, dtype=x.compute_dtype, device=x.device)
     return o, state
 
 
@@ -29,6 +31,8 @@ def attention(
     method: str = "auto",
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    state_checkpoints=None,
 ):
     """Exponentially decaying causal linear attention.
 
@@ -38,16 +42,54 @@ def attention(
     (H,) tensor), or pass `log_decay` = log lambda <= 0 (see `leetdecoding.decay` for named conventions);
     neither means lambda = 1. `method` is "auto" or a name from `list_methods()`.
 
-    Returns o (B, H, N, Dv) in the input dtype, or (o, final_state) with the state (B, H, Dk, Dv) in fp32
-    (fp64 for fp64 inputs) when `output_final_state`.
+    Packed variable-length batches: q, k, v of shape (1, H, T_total, D) and `cu_seqlens` (S + 1,) int32/int64
+    offsets as in flash-attn's varlen API; each sequence is independent, `initial_state` and the final state are
+    (S, H, Dk, Dv).
+
+    `state_checkpoints`: increasing positions p; the state after the first p tokens is returned for each
+    (positions in the packed stream with `cu_seqlens`, each belonging to the sequence of token p - 1).
+    Resuming from a checkpoint with `initial_state` and running the rest equals the full call.
+
+    Returns o (B, H, N, Dv) in the input dtype; then the final state (B, H, Dk, Dv) in fp32 (fp64 for fp64
+    inputs) if `output_final_state`; then the checkpoints (K, B, H, Dk, Dv), or (K, H, Dk, Dv) with
+    `cu_seqlens`, if `state_checkpoints` is given. More than one result comes as a tuple in that order.
     """
-    x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state)
+    x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints)
     choice = dispatch.choose(x, method)
+    checkpoints = None
     if x.seq_len == 0:
         o, state = _empty_sequence(x)
+        if x.checkpoints is not None:
+            checkpoints = torch.zeros(0, *state.shape[int(x.cu_seqlens is not None) :], dtype=state.dtype)
     else:
-        o, state = choice.method.forward(x, **choice.options)
-    return (o, state) if output_final_state else o
+        o, state, checkpoints = segments.run(choice.method, x, choice.options)
+    results = (o,) + ((state,) if output_final_state else ()) + ((checkpoints,) if checkpoints is not None else ())
+    return results if len(results) > 1 else o
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    decay=None,
+    *,
+    log_decay=None,
+    scale: float = 1.0,
+    out_state: torch.Tensor | None = None,
+):
+    """One token of generation: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) in fp32 (fp64 for fp64).
+
+    Returns (o (B, H, Dv) in the input dtype, new_state). The new state is a new tensor, or is written into
+    `out_state` when given; `out_state=state` updates the state in place, so a server reuses one buffer.
+    """
+    x = validate_decode(q, k, v, state, decay, log_decay, scale, out_state)
+    if out_state is not None and x.requires_grad:
+        raise ValueError("out_state writes in place and cannot be used while an input requires grad; drop it.")
+    cd = x.compute_dtype
+    lam = torch.exp(x.log_decay).view(1, -1, 1, 1)
+    o, new = step(state, q.to(cd), k.to(cd), v.to(cd), lam, out_state)
+    return finish(x, o), new
 
 
 def explain(
@@ -61,12 +103,14 @@ def explain(
     method: str = "auto",
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    state_checkpoints=None,
 ) -> dispatch.Explanation:
     """Which method `attention` would use for these inputs, why, and why each other method is not used.
 
     Prints as a readable report; the fields (`method`, `options`, `reason`, `refusals`) are there for code.
     """
-    x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state)
+    x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints)
     return dispatch.explain(x, method)
 
 

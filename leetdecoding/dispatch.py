@@ -20,11 +20,15 @@ ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says me
 # Below this length the quadratic form is a single matmul and beats the chunked scan on CPU
 # (leetdecoding bench: vanilla vs chunked cross over between N = 128 and 256 at H = 8, D = 128).
 VANILLA_MAX_N = 128
-# Chunk size of the chunked method. 64 balances the intra-chunk quadratic work (N C (Dk + Dv)) against the
-# state work (N Dk Dv) for head dims around 128 (measured with benchmarks/chunk_size.py).
-CHUNK_SIZE = 64
-# Working memory per segment of the chunked method: large enough that a segment is many chunks per matmul.
-SEGMENT_BYTES = 64 << 20
+# Chunk size of the chunked method: the intra-chunk quadratic work (N C (Dk + Dv)) against the per-chunk state
+# work; measured with `python -m benchmarks.chunk_size` (H=8, N=16384, fp32, this repo's CPU machine): at
+# D=128, C=128 beat C=64 by about 10%; at D=64 the two were within noise, so 64 keeps the smaller working set.
+CHUNK_SIZE = 128
+CHUNK_SIZE_SMALL_HEAD = 64
+SMALL_HEAD_DIM = 64
+# Working memory per segment of the chunked method (many chunks per batched matmul). 4 to 16 MiB measured
+# best: small enough to stay in cache-friendly sizes, large enough to amortise Python overhead; 64 MiB was slower.
+SEGMENT_BYTES = 8 << 20
 # Working memory per group of rank-one terms in fleet.
 FLEET_BUDGET_BYTES = 64 << 20
 # A plan may use at most this fraction of the memory available on the device.
@@ -66,7 +70,8 @@ def available_memory(device: torch.device) -> int:
 
 def options_for(method: Method, x: AttentionInputs) -> dict:
     if method.name == "chunked":
-        return {"chunk_size": CHUNK_SIZE, "segment_bytes": SEGMENT_BYTES}
+        small = max(x.dk, x.dv) <= SMALL_HEAD_DIM
+        return {"chunk_size": CHUNK_SIZE_SMALL_HEAD if small else CHUNK_SIZE, "segment_bytes": SEGMENT_BYTES}
     if method.name == "fleet":
         return {"budget_bytes": FLEET_BUDGET_BYTES}
     return {}
@@ -134,7 +139,16 @@ def resolve_name(method) -> str:
     return method
 
 
+def representative(x: AttentionInputs) -> AttentionInputs:
+    """The largest single call a packed or checkpointed problem makes: what the method must handle."""
+    if x.cu_seqlens is None:
+        return x
+    first = None if x.initial_state is None else x.initial_state[:1]
+    return x.piece(0, x.longest, first, x.output_final_state)
+
+
 def choose(x: AttentionInputs, method: str = "auto") -> Choice:
+    x = representative(x)
     name = resolve_name(method)
     memory: dict = {}
     if name != "auto":
@@ -144,7 +158,7 @@ def choose(x: AttentionInputs, method: str = "auto") -> Choice:
         if reasons:
             raise MethodRefusedError(
                 f"method {name!r} cannot run {x.describe()}: " + "; ".join(reasons) + ". "
-                f"Hint: method='auto' picks one that can (see leetdecoding.explain)."
+                "Hint: method='auto' picks one that can (see leetdecoding.explain)."
             )
         how = f"forced by {ENV_METHOD}" if method == "auto" else "forced by method="
         return Choice(m, opts, how, {}, need)
@@ -192,12 +206,14 @@ class Explanation:
 
 
 def explain(x: AttentionInputs, method: str = "auto") -> Explanation:
+    described = x.describe()
+    x = representative(x)
     memory: dict = {}
     try:
         c = choose(x, method)
     except MethodRefusedError as e:
         refusals = {n: reasons_for(m, x, options_for(m, x), memory)[0] for n, m in REGISTRY.items()}
-        return Explanation(x.describe(), None, {}, str(e), {n: r for n, r in refusals.items() if r}, [], 0)
+        return Explanation(described, None, {}, str(e), {n: r for n, r in refusals.items() if r}, [], 0)
     refusals, others = {}, []
     for n, m in REGISTRY.items():
         if n == c.method.name:
@@ -207,4 +223,4 @@ def explain(x: AttentionInputs, method: str = "auto") -> Explanation:
             refusals[n] = r
         else:
             others.append(n)
-    return Explanation(x.describe(), c.method.name, c.options, c.reason, refusals, others, c.estimate_bytes)
+    return Explanation(described, c.method.name, c.options, c.reason, refusals, others, c.estimate_bytes)

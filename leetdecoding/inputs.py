@@ -27,8 +27,33 @@ class AttentionInputs:
     v: torch.Tensor  # (B, H, N, Dv)
     log_decay: torch.Tensor  # (H,) in compute_dtype, on the inputs' device, every entry <= 0
     scale: float
-    initial_state: torch.Tensor | None  # (B, H, Dk, Dv) in compute_dtype
+    initial_state: torch.Tensor | None  # (B, H, Dk, Dv), or (S, H, Dk, Dv) with cu_seqlens; compute_dtype
     output_final_state: bool
+    cu_seqlens: list[int] | None = None  # packed sequences: sequence i is tokens [cu[i], cu[i+1]), batch 1
+    checkpoints: list[int] | None = None  # also return the state after each of these many tokens
+
+    @property
+    def num_sequences(self) -> int:
+        return self.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+
+    @property
+    def longest(self) -> int:
+        """The longest sequence: N, or the longest packed sequence with cu_seqlens."""
+        if self.cu_seqlens is None:
+            return self.seq_len
+        return max((b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])), default=0)
+
+    def piece(self, start: int, end: int, initial_state, output_final_state: bool) -> AttentionInputs:
+        """The tokens [start, end) of every batch row as a plain (not packed) problem; views, no copies."""
+        return AttentionInputs(
+            q=self.q[:, :, start:end],
+            k=self.k[:, :, start:end],
+            v=self.v[:, :, start:end],
+            log_decay=self.log_decay,
+            scale=self.scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
 
     @property
     def batch(self) -> int:
@@ -76,6 +101,8 @@ class AttentionInputs:
         )
         if self.initial_state is not None:
             s += ", with initial_state"
+        if self.cu_seqlens is not None:
+            s += f", {self.num_sequences} packed sequences (longest {self.longest})"
         return s
 
 
@@ -94,7 +121,7 @@ def check_tensor(name: str, t, ndim: int, what: str) -> None:
     if t.ndim != ndim:
         raise ValueError(
             f"{name} must have {ndim} dimensions {what}; got {t.ndim} dimensions, shape {_shape(t)}."
-            + (" Hint: the layout is (B, H, N, D); for a (B, N, H, D) tensor pass x.transpose(1, 2)." if ndim == 4 else "")
+            + (" Hint: the layout is (B, H, N, D); for (B, N, H, D) pass x.transpose(1, 2)." if ndim == 4 else "")
         )
 
 
@@ -143,6 +170,8 @@ def validate(
     scale=1.0,
     initial_state=None,
     output_final_state=False,
+    cu_seqlens=None,
+    state_checkpoints=None,
 ) -> AttentionInputs:
     """Check everything the public `attention` call receives and build the record methods use."""
     check_tensor("q", q, 4, "(B, H, N, Dk)")
@@ -160,15 +189,114 @@ def validate(
         raise ValueError(f"head dims must be >= 1; got Dk={q.shape[3]}, Dv={v.shape[3]}.")
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool; got {type(output_final_state).__name__}.")
-    B, H, _, Dk = q.shape
+    B, H, N, Dk = q.shape
     Dv = v.shape[3]
     cd = compute_dtype_for(q.dtype)
+    offsets = check_cu_seqlens(cu_seqlens, q)
+    states = B if offsets is None else len(offsets) - 1
     return AttentionInputs(
         q=q,
         k=k,
         v=v,
         log_decay=_decay.canonical_log_decay(decay, log_decay, H, q.device, cd),
         scale=check_scale(scale),
-        initial_state=check_state("initial_state", initial_state, (B, H, Dk, Dv), q.device, q.dtype),
+        initial_state=check_state("initial_state", initial_state, (states, H, Dk, Dv), q.device, q.dtype),
         output_final_state=output_final_state,
+        cu_seqlens=offsets,
+        checkpoints=check_checkpoints(state_checkpoints, N),
+    )
+
+
+def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> list[int] | None:
+    """flash-attn's varlen convention: (S + 1,) integer offsets, 0 = cu[0] <= cu[1] <= ... <= cu[S] = T_total."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        got = type(cu_seqlens).__name__
+        raise TypeError(f"cu_seqlens must be a 1-D int32/int64 tensor of shape (S + 1,); got {got}.")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor; got {cu_seqlens.dtype}.")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D of shape (S + 1,) with S >= 1 sequences; got shape {tuple(cu_seqlens.shape)}."
+        )
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"with cu_seqlens, q, k and v hold the packed sequences as batch 1, (1, H, T_total, D); got batch "
+            f"{q.shape[0]}. Hint: concatenate the sequences along the length axis."
+        )
+    cu = [int(c) for c in cu_seqlens.tolist()]
+    total = q.shape[2]
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0; got cu_seqlens[0] = {cu[0]}.")
+    drops = [i for i in range(1, len(cu)) if cu[i] < cu[i - 1]]
+    if drops:
+        i = drops[0]
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing; got cu_seqlens[{i - 1}] = {cu[i - 1]} > cu_seqlens[{i}] = {cu[i]}."
+        )
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens must end at T_total = {total} (the packed length); got cu_seqlens[-1] = {cu[-1]}")
+    return cu
+
+
+def check_checkpoints(positions, n: int) -> list[int] | None:
+    """Positions p in [1, N], strictly increasing: the state after the first p tokens is returned."""
+    if positions is None:
+        return None
+    if isinstance(positions, torch.Tensor):
+        if positions.is_floating_point() or positions.ndim != 1:
+            raise TypeError(f"state_checkpoints must be a 1-D integer tensor or a list of ints; got {positions.dtype} "
+                            f"of shape {tuple(positions.shape)}.")
+        positions = positions.tolist()
+    if not isinstance(positions, (list, tuple)) or not all(
+        isinstance(p, int) and not isinstance(p, bool) for p in positions
+    ):
+        raise TypeError(f"state_checkpoints must be a list of ints; got {positions!r}.")
+    out = list(positions)
+    bad = [p for p in out if not 1 <= p <= n]
+    if bad:
+        raise ValueError(
+            f"state_checkpoints must lie in [1, N = {n}] (p = the state after the first p tokens); got {bad[:4]}."
+        )
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"state_checkpoints must be strictly increasing; got {out[:8]}.")
+    return out
+
+
+def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> AttentionInputs:
+    """Checks for one decode step: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) in the state dtype."""
+    check_tensor("q", q, 3, "(B, H, Dk)")
+    check_tensor("k", k, 3, "(B, H, Dk)")
+    check_tensor("v", v, 3, "(B, H, Dv)")
+    check_same(("q", "k", "v"), (q, k, v))
+    if q.shape != k.shape or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"decode inputs must be q, k (B, H, Dk) and v (B, H, Dv) with one B and H; got q {_shape(q)}, "
+            f"k {_shape(k)}, v {_shape(v)}."
+        )
+    B, H, Dk = q.shape
+    Dv = v.shape[2]
+    cd = compute_dtype_for(q.dtype)
+    for name, t in (("state", state), ("out_state", out_state)):
+        if t is None and name == "out_state":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {(B, H, Dk, Dv)}; got {type(t).__name__}.")
+        if tuple(t.shape) != (B, H, Dk, Dv):
+            raise ValueError(f"{name} must have shape {(B, H, Dk, Dv)} (B, H, Dk, Dv); got {_shape(t)}.")
+        if t.dtype != cd:
+            raise TypeError(
+                f"{name} must be {cd} for {q.dtype} inputs (states accumulate in fp32, fp64 for fp64); got {t.dtype}."
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} like q; got {t.device}.")
+    return AttentionInputs(
+        q=q.unsqueeze(2),
+        k=k.unsqueeze(2),
+        v=v.unsqueeze(2),
+        log_decay=_decay.canonical_log_decay(decay, log_decay, H, q.device, cd),
+        scale=check_scale(scale),
+        initial_state=state,
+        output_final_state=True,
     )

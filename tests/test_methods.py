@@ -26,7 +26,7 @@ def supports_dims(name, dk, dv):
     return m.max_head_dim is None or max(dk, dv) <= m.max_head_dim
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(n, dk, dv, with_state, dtype=torch.float32, batch=1):
     g = torch.Generator().manual_seed(hash((n, dk, dv, with_state)) % 2**31)
     h = len(DECAYS)

@@ -7,9 +7,11 @@ Every decay factor below is exp(non-positive): lambda^(-j) is never formed.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ..inputs import AttentionInputs
 
@@ -32,7 +34,7 @@ class Method:
     max_head_dim: int | None = None
     supports_grad: bool = True
     supports_state: bool = True
-    supports_varlen: bool = False
+    supports_varlen: bool = True  # packed sequences run through leetdecoding.segments
     time_complexity: str = ""
     memory_complexity: str = ""
     time_exponent: float = 1.0  # how time grows with N, for the benchmark's time budget
@@ -157,3 +159,35 @@ def upcast_bytes(x: AttentionInputs) -> int:
     if x.dtype == x.compute_dtype:
         return 0
     return elem_bytes(x) * x.batch * x.heads * x.seq_len * (2 * x.dk + x.dv)
+
+
+SCAN_BLOCK = 16  # tokens per block of discounted_cumsum; each level up covers SCAN_BLOCK times more
+
+
+def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(1, H, a, b) -> (1, H, 1.., a, b) with ndim dims."""
+    return t.view(1, t.shape[1], *(1,) * (ndim - 4), *t.shape[2:])
+
+
+def discounted_cumsum(x: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
+    """y_t = lambda_h y_{t-1} + x_t along dim -2 of x (B, H, ..., N, F); y_{-1} = initial (B, H, ..., F) or 0."""
+    n = x.shape[-2]
+    if n <= SCAN_BLOCK:
+        y = _expand(causal_decay_matrix(log_decay, n), x.ndim) @ x
+        if initial is not None:
+            steps = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
+            y = y + decay_powers(log_decay, steps, x.ndim) * initial.unsqueeze(-2)
+        return y
+    nb = math.ceil(n / SCAN_BLOCK)
+    xb = F.pad(x, (0, 0, 0, nb * SCAN_BLOCK - n)).unflatten(-2, (nb, SCAN_BLOCK))
+    y = _expand(causal_decay_matrix(log_decay, SCAN_BLOCK), xb.ndim) @ xb
+    # value at the end of each block, then the same scan one level up with lambda^SCAN_BLOCK
+    ends = discounted_cumsum(y[..., -1, :], log_decay * SCAN_BLOCK, initial)
+    before = ends[..., :-1, :]
+    if initial is not None:
+        before = torch.cat((initial.unsqueeze(-2), before), dim=-2)
+    else:
+        before = F.pad(before, (0, 0, 1, 0))
+    steps = torch.arange(1, SCAN_BLOCK + 1, device=x.device, dtype=x.dtype)
+    y = y + decay_powers(log_decay, steps, xb.ndim) * before.unsqueeze(-2)
+    return y.flatten(-3, -2)[..., :n, :]

@@ -24,13 +24,13 @@ from .base import (
     head_log_decay,
     new_output,
     state_contribution,
-    upcast_bytes,
 )
 
 
 def segment_length(x: AttentionInputs, chunk_size: int, segment_bytes: int) -> int:
     """Tokens per segment: a multiple of the chunk size whose working set fits in `segment_bytes`."""
-    per_token = elem_bytes(x) * x.batch * x.heads * (2 * chunk_size + 2 * x.dk + 2 * x.dv + 2 * x.dk * x.dv / chunk_size)
+    per_head = 2 * chunk_size + 2 * x.dk + 2 * x.dv + 2 * x.dk * x.dv / chunk_size
+    per_token = elem_bytes(x) * x.batch * x.heads * per_head
     chunks = max(1, int(segment_bytes // max(per_token * chunk_size, 1)))
     return chunk_size * chunks
 
@@ -47,10 +47,13 @@ class Chunked(Method):
         return 2.0 * x.batch * x.heads * x.seq_len * (c * (x.dk + x.dv) + 2 * x.dk * x.dv)
 
     def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 64 << 20, **o) -> int:
-        seg = min(segment_length(x, chunk_size, segment_bytes), x.seq_len + chunk_size)
-        per_token = elem_bytes(x) * x.batch * x.heads * (2 * chunk_size + 2 * x.dk + 2 * x.dv)
-        states = elem_bytes(x) * x.batch * x.heads * x.dk * x.dv * (2 * seg // chunk_size + 2)
-        return per_token * seg + states + upcast_bytes(x) // 4
+        c = max(1, min(chunk_size, x.seq_len))
+        seg = min(segment_length(x, c, segment_bytes), -(-x.seq_len // c) * c)
+        # per token of a segment: scores and their masked copy (2C), decayed q and k, intra and inter outputs,
+        # compute-dtype copies of q, k, v; per chunk: its state contribution and its start state
+        per_token = 2 * c + 2 * x.dk + 2 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
+        per_head = seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
+        return elem_bytes(x) * x.batch * x.heads * per_head
 
     def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 64 << 20, **options):
         cd = x.compute_dtype
@@ -79,6 +82,8 @@ class Chunked(Method):
                 v = x.v[:, :, start : start + full * C].to(cd).unflatten(2, (full, C))
                 out = ((q @ k.transpose(-1, -2)) * mask) @ v
                 kv = (k * k_decay).transpose(-1, -2) @ v  # (B, H, full, Dk, Dv)
+                # state at the start of each chunk: a loop over chunks measured faster on CPU than a batched
+                # discounted scan over the (full, Dk, Dv) contributions
                 starts = torch.empty_like(kv)
                 for c in range(full):
                     starts[:, :, c] = state

@@ -9,49 +9,15 @@ tiny lambda are all exact: nothing takes log(k * v) or divides by lambda^t. Row 
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from ..inputs import AttentionInputs
-from .base import Method, causal_decay_matrix, decay_powers, elem_bytes, finish
-
-BLOCK = 16  # tokens per block of the prefix sum; each level up covers BLOCK times more
-
-
-def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(1, H, a, b) -> (1, H, 1.., a, b) with ndim dims."""
-    return t.view(1, t.shape[1], *(1,) * (ndim - 4), *t.shape[2:])
-
-
-def discounted_cumsum(x: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
-    """y_t = lambda_h y_{t-1} + x_t along dim -2 of x (B, H, ..., N, F); y_{-1} = initial (B, H, ..., F) or 0."""
-    n = x.shape[-2]
-    if n <= BLOCK:
-        y = _expand(causal_decay_matrix(log_decay, n), x.ndim) @ x
-        if initial is not None:
-            steps = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
-            y = y + decay_powers(log_decay, steps, x.ndim) * initial.unsqueeze(-2)
-        return y
-    nb = math.ceil(n / BLOCK)
-    xb = F.pad(x, (0, 0, 0, nb * BLOCK - n)).unflatten(-2, (nb, BLOCK))
-    y = _expand(causal_decay_matrix(log_decay, BLOCK), xb.ndim) @ xb
-    # value at the end of each block, then the same scan one level up with lambda^BLOCK
-    ends = discounted_cumsum(y[..., -1, :], log_decay * BLOCK, initial)
-    before = ends[..., :-1, :]
-    if initial is not None:
-        before = torch.cat((initial.unsqueeze(-2), before), dim=-2)
-    else:
-        before = F.pad(before, (0, 0, 1, 0))
-    steps = torch.arange(1, BLOCK + 1, device=x.device, dtype=x.dtype)
-    y = y + decay_powers(log_decay, steps, xb.ndim) * before.unsqueeze(-2)
-    return y.flatten(-3, -2)[..., :n, :]
+from .base import SCAN_BLOCK, Method, discounted_cumsum, elem_bytes, finish
 
 
 def group_size(x: AttentionInputs, budget_bytes: int) -> int:
     """How many of the Dk rank-one terms to compute at once within the memory budget."""
-    per_term = 4 * elem_bytes(x) * x.batch * x.heads * (x.seq_len + BLOCK) * x.dv
+    per_term = 4 * elem_bytes(x) * x.batch * x.heads * (x.seq_len + SCAN_BLOCK) * x.dv
     return max(1, min(x.dk, budget_bytes // max(per_term, 1)))
 
 
@@ -63,11 +29,11 @@ class Fleet(Method):
     options = {"budget_bytes": 64 << 20}
 
     def flops(self, x: AttentionInputs, **options) -> float:
-        return 2.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv * (BLOCK + 3)
+        return 2.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv * (SCAN_BLOCK + 3)
 
     def extra_memory_bytes(self, x: AttentionInputs, budget_bytes: int = 64 << 20, **options) -> int:
         g = group_size(x, budget_bytes)
-        per_term = 4 * elem_bytes(x) * x.batch * x.heads * (x.seq_len + BLOCK) * x.dv
+        per_term = 4 * elem_bytes(x) * x.batch * x.heads * (x.seq_len + SCAN_BLOCK) * x.dv
         return g * per_term + elem_bytes(x) * x.batch * x.heads * x.seq_len * (x.dv + x.dk)
 
     def forward(self, x: AttentionInputs, budget_bytes: int = 64 << 20, **options):

@@ -51,7 +51,7 @@ class Recursion(Method):
 
     def forward(self, x: AttentionInputs, **options):
         cd = x.compute_dtype
-        B, H, N = x.batch, x.heads, x.seq_len
+        N = x.seq_len
         P = padded_length(N)
         pad = (0, 0, 0, P - N)
         q, k, v = (F.pad(t.to(cd), pad) for t in (x.q, x.k, x.v))
@@ -60,9 +60,8 @@ class Recursion(Method):
         def blocks(t: torch.Tensor, m: int) -> torch.Tensor:
             return t.unflatten(2, (P // m, m))
 
-        o = ((blocks(q, LEAF) @ blocks(k, LEAF).transpose(-1, -2)) * causal_decay_matrix(ld, LEAF).unsqueeze(2)) @ blocks(
-            v, LEAF
-        )
+        scores = (blocks(q, LEAF) @ blocks(k, LEAF).transpose(-1, -2)) * causal_decay_matrix(ld, LEAF).unsqueeze(2)
+        o = scores @ blocks(v, LEAF)
         o = o.flatten(2, 3)
         m = LEAF
         while m < P:

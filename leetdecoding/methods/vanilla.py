@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from ..inputs import AttentionInputs
-from .base import Method, causal_decay_matrix, elem_bytes, final_state, finish, initial_state_output, upcast_bytes
+from .base import (
+    Method,
+    causal_decay_matrix,
+    elem_bytes,
+    final_state,
+    finish,
+    initial_state_output,
+    upcast_bytes,
+)
 
 
 class Vanilla(Method):

@@ -1,0 +1,44 @@
+"""The chunked method's chunk size and segment budget: the sweep behind dispatch.CHUNK_SIZE / SEGMENT_BYTES.
+
+    python -m benchmarks.chunk_size              # B=1, H=8, N=16384, D in {64, 128}, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import leetdecoding as ld
+from benchmarks.common import header, interleaved
+from leetdecoding.inputs import validate
+from leetdecoding.methods import REGISTRY
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dims", default="64,128")
+    p.add_argument("--chunks", default="32,64,128,256")
+    p.add_argument("--segments-mib", default="4,16,64")
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args(argv)
+    header(f"chunked: chunk size x segment budget, B=1 H={a.heads} N={a.n} fp32")
+    chunked = REGISTRY["chunked"]
+    for d in (int(x) for x in a.dims.split(",")):
+        q, k, v = (torch.randn(1, a.heads, a.n, d) for _ in range(3))
+        x = validate(q, k, v, log_decay=ld.decay.minimax(a.heads, 0, 12))
+        cases = {
+            (c, s): (lambda c=c, s=s, x=x: chunked.forward(x, chunk_size=c, segment_bytes=s << 20))
+            for c in (int(t) for t in a.chunks.split(","))
+            for s in (int(t) for t in a.segments_mib.split(","))
+        }
+        stats = interleaved(cases, rounds=a.rounds)
+        best = min(stats, key=lambda key: stats[key].median)
+        print(f"D={d}:  " + "  ".join(f"C={c} seg={s}MiB {st.median * 1e3:.0f}ms" for (c, s), st in stats.items()))
+        print(f"D={d}: fastest C={best[0]} segment={best[1]} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Every method against the fp64 reference on this machine: the engine behind `leetdecoding check`."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+import leetdecoding as ld
+
+from ..inputs import compute_dtype_for, validate
+from ..methods import REGISTRY, Method
+from .reference import Reference, reference, relative_error
+
+# Error allowed per element, as a fraction of the magnitude of the terms it sums, per input dtype.
+TOLERANCE = {
+    torch.float64: 1e-13,
+    torch.float32: 2e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 4e-3,
+}
+# One head per decay of interest: none, a long memory, a short one, almost none.
+DECAYS = (1.0, 1.0 - 2.0**-12, 0.5, 1e-6)
+LENGTHS = (1, 65, 300)
+QUICK_LENGTHS = (1, 65)
+BATCH, DK, DV = 2, 60, 96
+SCALE = 0.125
+
+
+def decays() -> torch.Tensor:
+    """The per-head decays in fp64, so that fp64 runs see exactly the reference's values."""
+    return torch.tensor(DECAYS, dtype=torch.float64)
+
+
+@dataclass
+class CheckResult:
+    method: str
+    dtype: str
+    status: str  # "PASS", "FAIL" or "SKIP"
+    worst: float | None  # worst error as a multiple of the tolerance
+    detail: str  # where the worst error is, or why the method was skipped or failed
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    initial_state: torch.Tensor
+    ref: Reference
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@functools.cache
+def _case(n: int, dtype: torch.dtype, device: str) -> Case:
+    """Seeded inputs in `dtype` on `device`, and the fp64 reference computed from exactly those values."""
+    g = torch.Generator().manual_seed(1000 + n)
+    h = len(DECAYS)
+    q, k = (torch.randn(BATCH, h, n, DK, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    v = torch.randn(BATCH, h, n, DV, generator=g, dtype=torch.float64).to(dtype)
+    s0 = torch.randn(BATCH, h, DK, DV, generator=g, dtype=torch.float64).to(compute_dtype_for(dtype))
+    ref = reference(q, k, v, decays(), s0, SCALE)
+    q, k, v, s0 = (t.to(device) for t in (q, k, v, s0))
+    return Case(q, k, v, s0, ref)
+
+
+def _refusal(method: Method, dtype: torch.dtype, device: str) -> list[str]:
+    c = _case(1, dtype, device)
+    x = validate(c.q, c.k, c.v, decays(), None, SCALE, c.initial_state, True)
+    return method.not_supported_reasons(x)
+
+
+def check_method(method: Method, dtype: torch.dtype, device: str, lengths=LENGTHS) -> CheckResult:
+    """Run `method` in `dtype` on every length; the worst output or state error decides PASS or FAIL."""
+    name = dtype_name(dtype)
+    reasons = _refusal(method, dtype, device)
+    if reasons:
+        return CheckResult(method.name, name, "SKIP", None, "; ".join(reasons))
+    tol_o, tol_s = TOLERANCE[dtype], TOLERANCE[compute_dtype_for(dtype)]
+    worst, where = 0.0, ""
+    for n in lengths:
+        c = _case(n, dtype, device)
+        try:
+            o, state = ld.attention(
+                c.q, c.k, c.v, decays(), method=method.name, scale=SCALE,
+                initial_state=c.initial_state, output_final_state=True,
+            )
+        except ld.MethodRefusedError as e:
+            return CheckResult(method.name, name, "SKIP", None, str(e))
+        except Exception as e:  # a crash is a failure to report, not a reason to stop checking the others
+            return CheckResult(method.name, name, "FAIL", None, f"N={n}: {type(e).__name__}: {e}")
+        if state is None:
+            return CheckResult(method.name, name, "FAIL", None, f"N={n}: no final state returned")
+        for what, ratio in (
+            ("output", relative_error(o, c.ref.o, c.ref.o_abs) / tol_o),
+            ("state", relative_error(state, c.ref.state, c.ref.state_abs) / tol_s),
+        ):
+            if ratio > worst or not where:
+                worst, where = ratio, f"N={n} {what}"
+    return CheckResult(method.name, name, "PASS" if worst <= 1.0 else "FAIL", worst, where)
+
+
+def run_check(
+    device: str = "cpu",
+    quick: bool = False,
+    methods: list[str] | None = None,
+) -> list[CheckResult]:
+    """Check each method (default: all registered) in every dtype it declares."""
+    lengths = QUICK_LENGTHS if quick else LENGTHS
+    names = methods if methods is not None else list(REGISTRY)
+    return [check_method(REGISTRY[n], d, device, lengths) for n in names for d in REGISTRY[n].dtypes]

@@ -1,0 +1,107 @@
+"""Rich tables for the command line: methods available here, check results, benchmark results."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..methods import REGISTRY
+from .check import CheckResult
+
+STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def availability(name: str, device: str) -> str:
+    """"available here", or why the method cannot run on `device` in this process."""
+    m = REGISTRY[name]
+    missing = m.unavailable_reason()
+    if missing:
+        return missing
+    if device not in m.devices:
+        return f"runs on {'/'.join(m.devices)}, not {device}"
+    return "available here"
+
+
+def methods_table(methods: list[dict], device: str) -> Table:
+    """One row per method of `leetdecoding.list_methods()`."""
+    t = Table(title=f"methods (device: {device})")
+    for col in ("method", "backend", "devices", "dtypes", "time", "memory", "grad/state/varlen", "here"):
+        t.add_column(col, overflow="fold")
+    for m in methods:
+        here = availability(m["name"], device)
+        t.add_row(
+            m["name"], m["backend"], ", ".join(m["devices"]), ", ".join(m["dtypes"]), m["time"], m["memory"],
+            "/".join(_yes(m[k]) for k in ("grad", "state", "varlen")),
+            f"[green]{here}[/]" if here == "available here" else f"[yellow]{here}[/]",
+        )
+    return t
+
+
+def key_value_table(title: str, items: dict[str, str]) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for k, v in items.items():
+        t.add_row(k, str(v))
+    return t
+
+
+def check_table(results: list[CheckResult], device: str) -> Table:
+    t = Table(title=f"every method against the fp64 reference on {device}")
+    for col in ("method", "dtype", "worst error / tolerance", "result", "detail"):
+        t.add_column(col, overflow="fold")
+    for r in results:
+        worst = "" if r.worst is None else f"{r.worst:.3g}"
+        t.add_row(r.method, r.dtype, worst, f"[{STATUS_STYLE[r.status]}]{r.status}[/]", r.detail)
+    return t
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds with about three significant digits and no exponent."""
+    if value is None:
+        return ""
+    digits = 0 if value >= 100 else 1 if value >= 10 else 2 if value >= 1 else 3
+    return f"{value:.{digits}f}"
+
+
+def _note(status: str, reason: str) -> str:
+    if status == "ok":
+        return ""
+    if status == "wrong":
+        return f"[bold red]WRONG[/] {reason}"
+    if status == "error":
+        return f"[red]{reason}[/]"
+    return f"[yellow]skip: {reason}[/]"
+
+
+def bench_table(rows: list[dict], title: str) -> Table:
+    """Rows of `export.result_row`; a new section for each (batch, N)."""
+    t = Table(title=title)
+    for col, justify in (
+        ("method", "left"), ("N", "right"), ("B", "right"), ("median ms", "right"), ("min-max ms", "right"),
+        ("GFLOP/s", "right"), ("of mm", "right"), ("peak MiB", "right"), ("error", "right"),
+        ("auto", "left"), ("note", "left"),
+    ):
+        t.add_column(col, justify=justify, overflow="fold")
+    previous = None
+    for r in rows:
+        if previous is not None and (r["batch"], r["n"]) != previous:
+            t.add_section()
+        previous = (r["batch"], r["n"])
+        spread = f"{_ms(r['min_ms'])}-{_ms(r['max_ms'])}" if r["min_ms"] is not None else ""
+        measured = r["status"] in ("ok", "wrong")
+        peak = "n/a" if r["peak_mib"] is None and measured else _num(r["peak_mib"], ".1f")
+        note = _note(r["status"], r["reason"])
+        t.add_row(
+            r["method"], str(r["n"]), str(r["batch"]), _ms(r["median_ms"]), spread,
+            _num(r["gflops"], ".1f"), _num(r["mm_fraction"], ".0%"), peak, _num(r["error"], ".1e"),
+            r["auto"], note,
+        )
+    return t

@@ -1,0 +1,304 @@
+"""The command line: `leetdecoding info | check | bench`.
+
+    leetdecoding info                   versions, device, and every method with why it can or cannot run here
+    leetdecoding check [--quick]        every method against the fp64 reference; exit status 1 on a failure
+    leetdecoding bench [options]        time / memory sweep over N and batch: table, CSV, JSON, plot, history
+
+rich and matplotlib are imported only when a command runs (`pip install leetdecoding[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .bench import Result, SweepConfig
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+HISTORY_CONTEXT = ("date", "leetdecoding", "torch", "python", "device_name", "torch_threads")
+
+
+class UsageError(Exception):
+    """A command-line value that parses but makes no sense here; reported like an argparse error."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    from .methods import REGISTRY
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown or text!r}; known: {', '.join(REGISTRY)}")
+    return names
+
+
+def _at_least(kind: type, low: float, strict: bool):
+    """An argparse type: `kind(text)`, which must be > low (strict) or >= low."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {'>' if strict else '>='} {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive(kind: type):
+    return _at_least(kind, 0, strict=True)
+
+
+def _console() -> Console:
+    try:
+        from rich.console import Console
+    except ImportError:
+        raise UsageError("the command line needs rich: pip install 'leetdecoding[bench]'") from None
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=180)  # a log file or a pipe: do not wrap the tables at 80 columns
+    return console
+
+
+def _device(name: str | None) -> str:
+    from .bench.machine import default_device
+
+    device = name or default_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available to torch here")
+    return device
+
+
+# ----- info -----
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import leetdecoding as ld
+
+    from .bench import machine
+    from .bench.report import key_value_table, methods_table
+
+    console = _console()
+    device = machine.default_device()
+    console.print(key_value_table("versions", machine.versions()))
+    hw = {"cpu": machine.cpu_summary()}
+    hw["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "not available"
+    console.print(key_value_table("device", hw))
+    console.print(methods_table(ld.list_methods(), device))
+    return 0
+
+
+# ----- check -----
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .bench.check import TOLERANCE, run_check
+    from .bench.report import check_table
+
+    console = _console()
+    device = _device(args.device)
+    results = run_check(device, quick=args.quick)
+    console.print(check_table(results, device))
+    counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
+    tolerances = ", ".join(f"{str(d).replace('torch.', '')} {t:g}" for d, t in TOLERANCE.items())
+    console.print(f"tolerances (error / magnitude of the summed terms): {tolerances}")
+    console.print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
+    return 1 if counts["FAIL"] else 0
+
+
+# ----- bench -----
+
+
+def _sweep_config(args: argparse.Namespace) -> SweepConfig:
+    import leetdecoding as ld
+
+    from .bench import SweepConfig
+    from .methods import REGISTRY
+
+    log_decay = None  # the sweep's default: MiniMax layer 0 of 12
+    if args.decay is not None:
+        if len(args.decay) not in (1, args.heads):
+            raise UsageError(f"--decay takes 1 or --heads ({args.heads}) values; got {len(args.decay)}")
+        try:
+            log_decay = ld.decay.from_decay(torch.tensor(args.decay, dtype=torch.float64))
+        except ValueError as e:
+            raise UsageError(f"--decay: {e}") from None
+        log_decay = log_decay.expand(args.heads).contiguous()
+    return SweepConfig(
+        device=_device(args.device),
+        dtype=DTYPES[args.dtype],
+        methods=args.methods or list(REGISTRY),
+        lengths=sorted(set(args.n)),
+        batches=sorted(set(args.batch)),
+        heads=args.heads,
+        dk=args.dk,
+        dv=args.dv or args.dk,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        time_budget=args.time_budget,
+        log_decay=log_decay,
+    )
+
+
+def _run_with_progress(cfg: SweepConfig, console: Console, show: bool) -> list[Result]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench import run_sweep
+
+    total = len(cfg.methods) * len(cfg.lengths) * len(cfg.batches)
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not show) as progress:
+        task = progress.add_task("bench", total=total)
+        return run_sweep(
+            cfg,
+            on_start=lambda m, n, b: progress.update(task, description=f"{m} N={n} B={b}"),
+            on_done=lambda r: progress.advance(task),
+        )
+
+
+def _write_outputs(
+    args: argparse.Namespace, cfg: SweepConfig, results: list[Result], rows: list[dict], machine_info: dict
+) -> list[Path]:
+    from .bench.export import append_history, write_csv, write_json
+    from .bench.plot import plot_time_vs_n
+
+    out = Path(args.out)
+    config = {k: v for k, v in vars(cfg).items() if k != "log_decay"}
+    config["dtype"] = args.dtype
+    config["decay"] = torch.exp(cfg.resolved_log_decay()).tolist()
+    title = f"{machine_info['device_name']}, {args.dtype}, H={cfg.heads}, Dk={cfg.dk}, Dv={cfg.dv}"
+    written = [
+        write_csv(args.csv or out / "results.csv", rows),
+        write_json(args.json or out / "results.json", rows, machine_info, config),
+        plot_time_vs_n(results, args.plot or out / "time_vs_n.png", title),
+    ]
+    if not args.no_history:
+        context = {k: machine_info[k] for k in HISTORY_CONTEXT}
+        written.append(append_history(args.history or out / "history.csv", rows, context))
+    return written
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import machine
+    from .bench.export import result_row
+    from .bench.report import bench_table
+
+    console = _console()
+    cfg = _sweep_config(args)
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **machine.versions(),
+        "device": cfg.device,
+        "device_name": machine.device_name(cfg.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    console.print(f"machine: {info['device_name']} ({cfg.device}), {info['torch_threads']} torch threads, "
+                  f"torch {info['torch']}, leetdecoding {info['leetdecoding']}")
+    info["mm_gflops"] = machine.matmul_gflops(cfg.device)
+    console.print(
+        f"torch.mm fp32 2048x2048: {info['mm_gflops']:.1f} GFLOP/s (the 'of mm' column is a fraction of it)"
+    )
+    show = not args.no_progress and console.is_terminal
+    results = _run_with_progress(cfg, console, show)
+    rows = [result_row(r, info["mm_gflops"]) for r in results]
+    title = (f"{args.dtype} on {cfg.device}: H={cfg.heads}, Dk={cfg.dk}, Dv={cfg.dv}; median of "
+             f"{cfg.repeats} after {cfg.warmup} warm-up; error = max|o - o64| / max|o64|")
+    console.print(bench_table(rows, title))
+    for path in _write_outputs(args, cfg, results, rows, info):
+        console.print(f"wrote {path}")
+    bad = [r for r in results if r.status in ("wrong", "error")]
+    if bad:
+        console.print(f"[bold red]{len(bad)} case(s) wrong or failed[/]")
+    return 1 if bad else 0
+
+
+# ----- parser -----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="leetdecoding", description="Exponentially decaying causal linear attention."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{info,check,bench}")
+
+    info = sub.add_parser("info", help="versions, device, and which methods can run here")
+    info.set_defaults(func=cmd_info)
+
+    check = sub.add_parser("check", help="every method against the fp64 reference (exit 1 on a failure)")
+    check.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    check.add_argument("--quick", action="store_true", help="fewer lengths (N = 1, 65)")
+    check.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", help="time and memory sweep over N and batch (exit 1 if a result is wrong)")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    b.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    b.add_argument("--methods", type=_name_list, help="comma list (default: every method)")
+    b.add_argument("--n", type=_int_list, default=[256, 1024, 4096, 16384], help="comma list of lengths")
+    b.add_argument("--batch", type=_int_list, default=[1], help="comma list of batch sizes")
+    b.add_argument("--heads", type=_positive(int), default=8)
+    b.add_argument("--dk", type=_positive(int), default=128)
+    b.add_argument("--dv", type=_positive(int), help="default: --dk")
+    b.add_argument("--repeats", type=_positive(int), default=5, help="timed calls per case")
+    b.add_argument("--warmup", type=_at_least(int, 0, strict=False), default=1,
+                   help="untimed calls first (the first, or one extra, measures memory and error)")
+    b.add_argument("--time-budget", type=_positive(float), default=10.0,
+                   help="seconds per case; a case predicted to take longer is skipped")
+    b.add_argument("--decay", type=_float_list, help="lambda per head, comma list (default: MiniMax 0 of 12)")
+    b.add_argument("--out", default="bench-results", help="folder for results.csv/json, plot, history.csv")
+    b.add_argument("--csv", help="results CSV (default: OUT/results.csv)")
+    b.add_argument("--json", help="results JSON (default: OUT/results.json)")
+    b.add_argument("--plot", help="time-against-N PNG (default: OUT/time_vs_n.png)")
+    b.add_argument("--history", help="history CSV to append to (default: OUT/history.csv)")
+    b.add_argument("--no-history", action="store_true", help="do not append to the history CSV")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        parser.exit(2, f"leetdecoding {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

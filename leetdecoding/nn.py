@@ -1,0 +1,178 @@
+"""A multi-head decaying linear-attention layer with a state cache for prefill + decode.
+
+The layout and parameter names follow transformers' MiniMaxLightningAttention (qkv_proj, output_gate, norm,
+out_proj), so such a layer's weights load directly:
+
+    layer = DecayingLinearAttention(hidden_size=1024, num_heads=8, layer_idx=3, num_layers=12)
+    layer.load_state_dict(minimax_layer.state_dict())      # MiniMax's derived decay buffers are recognised
+    cache = LinearAttentionCache()
+    y = layer(prompt, cache=cache)                          # prefill: the state goes into the cache
+    y = layer(next_token, cache=cache)                      # decode: continues from it
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import decay as _decay
+from .api import attention, decode_step
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "elu1": lambda x: F.elu(x) + 1.0,
+    "identity": lambda x: x,
+}
+# buffers of MiniMaxLightningAttention that are derived from slope_rate and have no counterpart here
+_MINIMAX_DERIVED = ("query_decay", "key_decay", "diagonal_decay")
+
+
+class LinearAttentionCache:
+    """One state (B, H, Dk, Dv) per layer, fp32 (fp64 for fp64 models), for a batch of sequences."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, torch.Tensor] = {}
+        self.seen_tokens = 0
+
+    def get(self, layer_idx: int) -> torch.Tensor | None:
+        return self.states.get(layer_idx)
+
+    def update(self, layer_idx: int, state: torch.Tensor) -> None:
+        self.states[layer_idx] = state
+
+    @property
+    def batch_size(self) -> int | None:
+        return next((s.shape[0] for s in self.states.values()), None)
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Keep (or reorder, or duplicate) batch rows: beam search's reorder by `beam_idx`."""
+        for i, s in self.states.items():
+            self.states[i] = s.index_select(0, indices.to(s.device))
+
+    reorder = select
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Expand every sequence into `repeats` consecutive copies (beams start from one prompt)."""
+        for i, s in self.states.items():
+            self.states[i] = s.repeat_interleave(repeats, dim=0)
+
+    def reset(self) -> None:
+        self.states.clear()
+        self.seen_tokens = 0
+
+
+class DecayingLinearAttention(nn.Module):
+    """o = out_proj(sigmoid(output_gate(x)) * norm(attention(q, k, v))) with q, k, v = act(qkv_proj(x)).
+
+    Decay: `log_decay` (H,) if given, else MiniMax's per-layer slopes for (layer_idx, num_layers); any converter
+    of `leetdecoding.decay` gives a valid `log_decay`. `activate_v=True` applies the activation to v as MiniMax
+    does; False applies it to q and k only.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        *,
+        log_decay: torch.Tensor | None = None,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        activation: str = "silu",
+        activate_v: bool = True,
+        use_norm: bool = True,
+        use_gate: bool = True,
+        bias: bool = False,
+        scale: float = 1.0,
+        norm_eps: float = 1e-6,
+        method: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}.")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.layer_idx = layer_idx
+        self.activation = activation
+        self.activate_v = activate_v
+        self.scale = scale
+        self.method = method
+        inner = self.num_heads * self.head_dim
+        kw = {"device": device, "dtype": dtype}
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=bias, **kw)
+        self.output_gate = nn.Linear(hidden_size, inner, bias=bias, **kw) if use_gate else None
+        self.norm = nn.RMSNorm(inner, eps=norm_eps, **kw) if use_norm else None
+        self.out_proj = nn.Linear(inner, hidden_size, bias=bias, **kw)
+        if log_decay is None:
+            log_decay = _decay.minimax(num_heads, layer_idx, num_layers)
+        log_decay = _decay.canonical_log_decay(None, log_decay, num_heads, torch.device(device or "cpu"), torch.float32)
+        self.register_buffer("log_decay", log_decay.clone())
+        self._register_load_state_dict_pre_hook(_from_minimax_buffers, with_module=True)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache: LinearAttentionCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states (B, N, hidden). With a cache: continue from its state for this layer (or start one) and
+        store the new state. attention_mask (B, N) of 0/1 zeroes padded tokens' q, k, v as MiniMax does."""
+        b, n, _ = hidden_states.shape
+        h, d = self.num_heads, self.head_dim
+        qkv = self.qkv_proj(hidden_states)
+        act = ACTIVATIONS[self.activation]
+        if self.activate_v:
+            qkv = act(qkv)
+        qkv = qkv.view(b, n, h, 3 * d)
+        if not self.activate_v:
+            qkv = torch.cat((act(qkv[..., : 2 * d]), qkv[..., 2 * d :]), dim=-1)
+        if attention_mask is not None:
+            qkv = qkv * attention_mask[:, :, None, None].to(qkv.dtype)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(d, dim=3))  # (B, H, N, D) views
+        state = cache.get(self.layer_idx) if cache is not None else None
+        if cache is not None and state is not None and n == 1 and not torch.is_grad_enabled():
+            o, state = decode_step(
+                q[:, :, 0], k[:, :, 0], v[:, :, 0], state, log_decay=self.log_decay, scale=self.scale, out_state=state
+            )
+            o = o.unsqueeze(1)  # (B, 1, H, D)
+        else:
+            result = attention(
+                q,
+                k,
+                v,
+                log_decay=self.log_decay,
+                scale=self.scale,
+                method=self.method,
+                initial_state=state,
+                output_final_state=cache is not None,
+            )
+            o, state = result if cache is not None else (result, None)
+            o = o.transpose(1, 2)  # (B, N, H, D)
+        if cache is not None:
+            cache.update(self.layer_idx, state)
+        o = o.reshape(b, n, h * d)
+        if self.norm is not None:
+            # normalised in fp32 for half-precision models, as MiniMax does
+            if o.element_size() < 4:
+                w = self.norm.weight.float()
+                o = F.rms_norm(o.float(), self.norm.normalized_shape, w, self.norm.eps).to(o.dtype)
+            else:
+                o = self.norm(o)
+        if self.output_gate is not None:
+            o = torch.sigmoid(self.output_gate(hidden_states)) * o
+        return self.out_proj(o)
+
+
+def _from_minimax_buffers(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+    """Accept a MiniMaxLightningAttention state dict: slope_rate (H, 1, 1) becomes log_decay = -slope_rate,
+    and the buffers derived from it are dropped."""
+    slope = state_dict.pop(prefix + "slope_rate", None)
+    if slope is not None:
+        state_dict[prefix + "log_decay"] = -slope.reshape(-1).to(torch.float32)
+    for name in _MINIMAX_DERIVED:
+        state_dict.pop(prefix + name, None)
