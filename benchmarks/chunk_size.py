@@ -1,6 +1,6 @@
 """The chunked method's chunk size and segment budget: the sweep behind dispatch.CHUNK_SIZE / SEGMENT_BYTES.
 
-    python -m benchmarks.chunk_size              # B=1, H=8, N=16384, D in {64, 128}, fp32
+python -m benchmarks.chunk_size              # B=1, H=8, N=16384, D in {64, 128}, fp32
 """
 
 from __future__ import annotations

@@ -69,12 +69,29 @@ def minimax_core(heads: int, head_dim: int, layer_idx: int = 0, num_layers: int 
 
 
 def feed(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Set the module's projections to produce q, k, v; return the (B, N, 1) hidden states to call it with."""
+    """Set the module's projections to produce q, k, v; return the (B, N, 1) hidden states to call it with.
+    With leaves that require grad, q, k, v are packed anew on every call so that each call can be backpropagated."""
     b, h, n, d = q.shape
-    qkv = torch.cat([t.transpose(1, 2) for t in (q, k, v)], dim=-1).reshape(b, n, h * 3 * d).contiguous()
-    module.qkv_proj = Constant(qkv)
+    if q.requires_grad:
+        module.qkv_proj = Packed(q, k, v)
+    else:
+        qkv = torch.cat([t.transpose(1, 2) for t in (q, k, v)], dim=-1).reshape(b, n, h * 3 * d).contiguous()
+        module.qkv_proj = Constant(qkv)
     module.output_gate = Constant(torch.full((b, n, h * d), 40.0, dtype=q.dtype))  # sigmoid(40) == 1.0 in fp32
     return torch.zeros(b, n, 1, dtype=q.dtype)
+
+
+class Packed(nn.Module):
+    """Stands in for qkv_proj: packs q, k, v (B, H, N, D) into MiniMax's (B, N, H * 3D) layout on every call,
+    so that gradients flow back to them."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        super().__init__()
+        self.q, self.k, self.v = q, k, v
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = self.q.shape
+        return torch.cat([t.transpose(1, 2) for t in (self.q, self.k, self.v)], dim=-1).reshape(b, n, h * 3 * d)
 
 
 def minimax_log_decay(module) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Prefill: leetdecoding.attention against transformers' MiniMaxLightningAttention prefill loop, interleaved.
 
-    python benchmarks/cpu_prefill.py                # B=1, H=8, N=16384, D=128, fp32, MiniMax decays
+python benchmarks/cpu_prefill.py                # B=1, H=8, N=16384, D=128, fp32, MiniMax decays
 """
 
 from __future__ import annotations

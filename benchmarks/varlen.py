@@ -1,6 +1,6 @@
 """Packed variable-length prefill against one call on a single sequence with the same total number of tokens.
 
-    python -m benchmarks.varlen              # 16 sequences, lengths drawn from 1..4096, H=8, D=128, fp32
+python -m benchmarks.varlen              # 16 sequences, lengths drawn from 1..4096, H=8, D=128, fp32
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ def main(argv=None) -> None:
         )
     packed, single = stats["packed"].median, stats["single"].median
     print(f"lengths: {lengths.tolist()}")
-    print(f"packed {packed * 1e3:.1f} ms, one sequence of {total} tokens {single * 1e3:.1f} ms: "
-          f"ratio {packed / single:.2f} (target <= 1.25)")
+    print(
+        f"packed {packed * 1e3:.1f} ms, one sequence of {total} tokens {single * 1e3:.1f} ms: "
+        f"ratio {packed / single:.2f} (target <= 1.25)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import torch
 
 from . import dispatch, segments
 from .inputs import AttentionInputs, validate, validate_decode
+from .memo import TensorMemo
 from .methods import REGISTRY
-from .methods.base import finish
+from .methods.base import decay_factor
 from .methods.recurrent import step
 
 
@@ -67,6 +68,9 @@ def attention(
     return results if len(results) > 1 else o
 
 
+_FACTORS = TensorMemo()  # lambda (1, H, 1, 1) of each validated log decay
+
+
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,13 +87,20 @@ def decode_step(
     Returns (o (B, H, Dv) in the input dtype, new_state). The new state is a new tensor, or is written into
     `out_state` when given; `out_state=state` updates the state in place, so a server reuses one buffer.
     """
-    x = validate_decode(q, k, v, state, decay, log_decay, scale, out_state)
-    if out_state is not None and x.requires_grad:
+    d = validate_decode(q, k, v, state, decay, log_decay, scale, out_state)
+    cd = d.compute_dtype
+    if out_state is not None and torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad or d.log_decay.requires_grad
+    ):
         raise ValueError("out_state writes in place and cannot be used while an input requires grad; drop it.")
-    cd = x.compute_dtype
-    lam = torch.exp(x.log_decay).view(1, -1, 1, 1)
-    o, new = step(state, q.to(cd), k.to(cd), v.to(cd), lam, out_state)
-    return finish(x, o), new
+    lam = _FACTORS.get(d.log_decay, (), lambda: decay_factor(d.log_decay).view(1, -1, 1, 1))
+    dtype = q.dtype
+    if dtype != cd:
+        q, k, v = q.to(cd), k.to(cd), v.to(cd)
+    o, new = step(state, q, k, v, lam, out_state)
+    if d.scale != 1.0:
+        o = o * d.scale
+    return o.to(dtype), new
 
 
 def explain(

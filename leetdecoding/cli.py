@@ -92,7 +92,7 @@ def _console() -> Console:
         raise UsageError("the command line needs rich: pip install 'leetdecoding[bench]'") from None
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=180)  # a log file or a pipe: do not wrap the tables at 80 columns
+        console = Console(width=400)  # a log file or a pipe: do not wrap the tables at 80 columns
     return console
 
 

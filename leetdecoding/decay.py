@@ -10,10 +10,10 @@ conventions users meet; pass the result as `log_decay=`.
 from __future__ import annotations
 
 import math
-import weakref
-from collections import OrderedDict
 
 import torch
+
+from .memo import TensorMemo
 
 __all__ = [
     "canonical_log_decay",
@@ -45,10 +45,7 @@ def _describe_bad(t: torch.Tensor, bad: torch.Tensor) -> str:
     return ", ".join(f"{v:.6g}" for v in vals)
 
 
-# The last few validated decay tensors: decoding calls with the same decay every token, and validating it
-# (a few reductions and a log) would cost more than the token's state update at small batch.
-_VALIDATED: OrderedDict = OrderedDict()
-_VALIDATED_SIZE = 16
+_VALIDATED = TensorMemo()
 
 
 def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -58,18 +55,10 @@ def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtyp
     is the one thing converted silently); a decay tensor on another device is moved to the inputs' device.
     """
     raw = decay if decay is not None else log_decay
-    if not isinstance(raw, torch.Tensor) or raw.requires_grad or log_decay is not None and decay is not None:
+    if not isinstance(raw, torch.Tensor) or decay is not None and log_decay is not None:
         return _canonical(decay, log_decay, heads, device, dtype)
-    key = (id(raw), decay is None, heads, device, dtype)
-    hit = _VALIDATED.get(key)
-    if hit is not None and hit[0]() is raw and hit[1] == raw._version and hit[3] == hit[2]._version:
-        _VALIDATED.move_to_end(key)
-        return hit[2]
-    out = _canonical(decay, log_decay, heads, device, dtype)
-    _VALIDATED[key] = (weakref.ref(raw), raw._version, out, out._version)
-    if len(_VALIDATED) > _VALIDATED_SIZE:
-        _VALIDATED.popitem(last=False)
-    return out
+    key = (decay is None, heads, device, dtype)
+    return _VALIDATED.get(raw, key, lambda: _canonical(decay, log_decay, heads, device, dtype))
 
 
 def _canonical(decay, log_decay, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

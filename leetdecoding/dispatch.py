@@ -29,6 +29,16 @@ SMALL_HEAD_DIM = 64
 # Working memory per segment of the chunked method (many chunks per batched matmul). 4 to 16 MiB measured
 # best: small enough to stay in cache-friendly sizes, large enough to amortise Python overhead; 64 MiB was slower.
 SEGMENT_BYTES = 8 << 20
+# With gradients the forward keeps one state per segment for the backward: larger segments keep fewer
+# (N / segment states instead of N / chunk), for a few percent of speed.
+GRAD_SEGMENT_BYTES = 32 << 20
+# The Triton kernels (leetdecoding/methods/triton): on CUDA they come first, in this order. triton_chunked's
+# chunk and the accuracy of its fp32 tl.dot operands ("tf32x3": three TF32 tensor-core products, within the
+# fp32 tolerance; "ieee" is exact and slower; "fast" rounds them to the input dtype as fla does).
+# Not yet measured on a GPU: benchmarks/gpu_check.sh times them against fla and the torch methods.
+TRITON_FIRST_ON_CUDA = ["triton_chunked", "triton_recurrent", "triton_fleet"]
+TRITON_CHUNK_SIZE = 64
+TRITON_PRECISION = "tf32x3"
 # Working memory per group of rank-one terms in fleet.
 FLEET_BUDGET_BYTES = 64 << 20
 # A plan may use at most this fraction of the memory available on the device.
@@ -71,9 +81,12 @@ def available_memory(device: torch.device) -> int:
 def options_for(method: Method, x: AttentionInputs) -> dict:
     if method.name == "chunked":
         small = max(x.dk, x.dv) <= SMALL_HEAD_DIM
-        return {"chunk_size": CHUNK_SIZE_SMALL_HEAD if small else CHUNK_SIZE, "segment_bytes": SEGMENT_BYTES}
+        segment = GRAD_SEGMENT_BYTES if x.requires_grad else SEGMENT_BYTES
+        return {"chunk_size": CHUNK_SIZE_SMALL_HEAD if small else CHUNK_SIZE, "segment_bytes": segment}
     if method.name == "fleet":
         return {"budget_bytes": FLEET_BUDGET_BYTES}
+    if method.name == "triton_chunked":
+        return {"chunk_size": TRITON_CHUNK_SIZE, "precision": TRITON_PRECISION}
     return {}
 
 
@@ -94,6 +107,17 @@ def format_bytes(n: float) -> str:
 
 def priority(x: AttentionInputs) -> tuple[list[str], str]:
     """Methods in the order "auto" tries them, and why that order."""
+    if x.device.type == "cuda":
+        order, why = _torch_priority(x)
+        return (
+            TRITON_FIRST_ON_CUDA + order,
+            "on CUDA the Triton kernels come first: one fused launch per call with the state kept on chip, where "
+            "the torch methods launch several kernels per chunk from Python; without them: " + why,
+        )
+    return _torch_priority(x)
+
+
+def _torch_priority(x: AttentionInputs) -> tuple[list[str], str]:
     if x.seq_len <= VANILLA_MAX_N:
         return (
             ["vanilla", "chunked", "recursion", "fleet", "recurrent"],
@@ -171,6 +195,11 @@ def choose(x: AttentionInputs, method: str = "auto") -> Choice:
         if not reasons:
             return Choice(m, opts, why, refusals, need)
         refusals[n] = reasons
+    for n, m in REGISTRY.items():  # the error names every method, also those "auto" does not try here
+        if n not in refusals:
+            refusals[n] = reasons_for(m, x, options_for(m, x), memory)[0] or [
+                f"not tried by auto on {x.device.type} (pass method={n!r} to use it)"
+            ]
     listing = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refusals.items())
     raise MethodRefusedError(f"no method can run {x.describe()}:\n{listing}")
 

@@ -264,8 +264,49 @@ def check_checkpoints(positions, n: int) -> list[int] | None:
     return out
 
 
-def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> AttentionInputs:
-    """Checks for one decode step: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) in the state dtype."""
+@dataclass
+class DecodeInputs:
+    log_decay: torch.Tensor  # (H,) in compute_dtype
+    scale: float
+    compute_dtype: torch.dtype
+
+
+def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> DecodeInputs:
+    """Checks for one decode step: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) in the state dtype.
+
+    This runs once per token: the common case is decided by a few direct comparisons, and the detailed checks
+    (which name what is wrong) run only when one of them fails.
+    """
+    ok = (
+        type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and type(v) is torch.Tensor
+        and type(state) is torch.Tensor
+        and q.ndim == 3
+        and q.shape == k.shape
+        and v.ndim == 3
+        and q.shape[:2] == v.shape[:2]
+        and q.dtype in FLOAT_DTYPES
+        and k.dtype == q.dtype == v.dtype
+        and k.device == q.device == v.device
+    )
+    cd = compute_dtype_for(q.dtype) if ok else None
+    expected = (*q.shape, v.shape[2]) if ok else None
+    for t in (state, out_state) if ok else ():
+        if t is not None and (
+            type(t) is not torch.Tensor or t.shape != expected or t.dtype != cd or t.device != q.device
+        ):
+            ok = False
+    if not ok:
+        _explain_decode_error(q, k, v, state, out_state)
+    return DecodeInputs(
+        _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd),
+        scale if type(scale) is float and math.isfinite(scale) else check_scale(scale),
+        cd,
+    )
+
+
+def _explain_decode_error(q, k, v, state, out_state) -> None:
     check_tensor("q", q, 3, "(B, H, Dk)")
     check_tensor("k", k, 3, "(B, H, Dk)")
     check_tensor("v", v, 3, "(B, H, Dv)")
@@ -291,12 +332,4 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> Atten
             )
         if t.device != q.device:
             raise ValueError(f"{name} must be on {q.device} like q; got {t.device}.")
-    return AttentionInputs(
-        q=q.unsqueeze(2),
-        k=k.unsqueeze(2),
-        v=v.unsqueeze(2),
-        log_decay=_decay.canonical_log_decay(decay, log_decay, H, q.device, cd),
-        scale=check_scale(scale),
-        initial_state=state,
-        output_final_state=True,
-    )
+    raise AssertionError("unreachable: the fast checks and the detailed checks disagree")  # pragma: no cover

@@ -67,8 +67,8 @@ class DecayingLinearAttention(nn.Module):
     """o = out_proj(sigmoid(output_gate(x)) * norm(attention(q, k, v))) with q, k, v = act(qkv_proj(x)).
 
     Decay: `log_decay` (H,) if given, else MiniMax's per-layer slopes for (layer_idx, num_layers); any converter
-    of `leetdecoding.decay` gives a valid `log_decay`. `activate_v=True` applies the activation to v as MiniMax
-    does; False applies it to q and k only.
+    of `leetdecoding.decay` gives a valid `log_decay`; `learnable_decay=True` makes it a parameter. `activate_v=True`
+    applies the activation to v as MiniMax does; False applies it to q and k only.
     """
 
     def __init__(
@@ -87,6 +87,7 @@ class DecayingLinearAttention(nn.Module):
         bias: bool = False,
         scale: float = 1.0,
         norm_eps: float = 1e-6,
+        learnable_decay: bool = False,
         method: str = "auto",
         device=None,
         dtype=None,
@@ -111,7 +112,10 @@ class DecayingLinearAttention(nn.Module):
         if log_decay is None:
             log_decay = _decay.minimax(num_heads, layer_idx, num_layers)
         log_decay = _decay.canonical_log_decay(None, log_decay, num_heads, torch.device(device or "cpu"), torch.float32)
-        self.register_buffer("log_decay", log_decay.clone())
+        if learnable_decay:  # trained in log space; clamped to <= 0 where it is used
+            self.log_decay = nn.Parameter(log_decay.clone())
+        else:
+            self.register_buffer("log_decay", log_decay.clone())
         self._register_load_state_dict_pre_hook(_from_minimax_buffers, with_module=True)
 
     def forward(
@@ -134,10 +138,11 @@ class DecayingLinearAttention(nn.Module):
         if attention_mask is not None:
             qkv = qkv * attention_mask[:, :, None, None].to(qkv.dtype)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(d, dim=3))  # (B, H, N, D) views
+        log_decay = self.log_decay.clamp(max=0.0) if self.log_decay.requires_grad else self.log_decay
         state = cache.get(self.layer_idx) if cache is not None else None
         if cache is not None and state is not None and n == 1 and not torch.is_grad_enabled():
             o, state = decode_step(
-                q[:, :, 0], k[:, :, 0], v[:, :, 0], state, log_decay=self.log_decay, scale=self.scale, out_state=state
+                q[:, :, 0], k[:, :, 0], v[:, :, 0], state, log_decay=log_decay, scale=self.scale, out_state=state
             )
             o = o.unsqueeze(1)  # (B, 1, H, D)
         else:
@@ -145,7 +150,7 @@ class DecayingLinearAttention(nn.Module):
                 q,
                 k,
                 v,
-                log_decay=self.log_decay,
+                log_decay=log_decay,
                 scale=self.scale,
                 method=self.method,
                 initial_state=state,

@@ -93,11 +93,16 @@ class Method:
 # ----- shared pieces -----
 
 
-def new_output(x: AttentionInputs, n: int | None = None) -> torch.Tensor:
-    shape = (x.batch, x.heads, x.seq_len if n is None else n, x.dv)
+def new_output(x: AttentionInputs) -> torch.Tensor:
+    return output_buffer(x.q, x.dv)
+
+
+def output_buffer(q: torch.Tensor, dv: int) -> torch.Tensor:
+    """An uninitialised (B, H, N, Dv) output like q; NaN-filled under tests so an unwritten row shows."""
+    shape = (*q.shape[:3], dv)
     if FILL_UNWRITTEN_WITH_NAN:
-        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
-    return torch.empty(shape, dtype=x.dtype, device=x.device)
+        return torch.full(shape, float("nan"), dtype=q.dtype, device=q.device)
+    return torch.empty(shape, dtype=q.dtype, device=q.device)
 
 
 def head_log_decay(x: AttentionInputs) -> torch.Tensor:
@@ -105,17 +110,27 @@ def head_log_decay(x: AttentionInputs) -> torch.Tensor:
     return x.log_decay.view(1, -1, 1, 1)
 
 
+def decay_factor(log_factor: torch.Tensor) -> torch.Tensor:
+    """exp of a non-positive exponent, with factors below eps^2 of the dtype set to exactly 0.
+
+    Such a factor changes no result at the dtype's precision, but left as it is, it makes products that fall
+    into the subnormal range, which CPUs compute many times slower (a fast-decaying head at long chunks).
+    """
+    f = torch.exp(log_factor)
+    return torch.where(f < torch.finfo(f.dtype).eps ** 2, torch.zeros_like(f), f)
+
+
 def decay_powers(log_decay: torch.Tensor, exponents: torch.Tensor, ndim: int = 4) -> torch.Tensor:
-    """exp(log_lambda * e) for non-negative exponents e (n,), shaped (1, H, 1.., n, 1) with `ndim` dims."""
+    """lambda^e for non-negative exponents e (n,), shaped (1, H, 1.., n, 1) with `ndim` dims."""
     mid = (1,) * (ndim - 4)
-    return torch.exp(log_decay.view(1, -1, *mid, 1, 1) * exponents.view(1, 1, *mid, -1, 1))
+    return decay_factor(log_decay.view(1, -1, *mid, 1, 1) * exponents.view(1, 1, *mid, -1, 1))
 
 
 def causal_decay_matrix(log_decay: torch.Tensor, n: int) -> torch.Tensor:
     """D[h, t, s] = lambda_h^(t - s) for s <= t, else 0; shaped (1, H, n, n)."""
     idx = torch.arange(n, device=log_decay.device, dtype=log_decay.dtype)
     diff = idx[:, None] - idx[None, :]
-    d = torch.exp(log_decay.view(1, -1, 1, 1) * diff.clamp(min=0))
+    d = decay_factor(log_decay.view(1, -1, 1, 1) * diff.clamp(min=0))
     return d.masked_fill(diff < 0, 0.0)
 
 
@@ -134,7 +149,7 @@ def final_state(x: AttentionInputs, k: torch.Tensor, v: torch.Tensor) -> torch.T
     """State after the whole sequence: lambda^N S_init + sum_s lambda^(N-1-s) k_s^T v_s (compute dtype)."""
     s = state_contribution(k, v, x.log_decay)
     if x.initial_state is not None:
-        s = s + torch.exp(head_log_decay(x) * x.seq_len) * x.initial_state
+        s = s + decay_factor(head_log_decay(x) * x.seq_len) * x.initial_state
     return s
 
 

@@ -8,6 +8,18 @@ decay mask; across chunks a carried state S (Dk x Dv) brings in everything befor
 
 Chunks are processed a segment at a time (many chunks per batched matmul), so that Python overhead stays
 small and working memory is bounded by the segment, not by N.
+
+Gradients (a custom backward: the forward keeps only the state at the start of each segment, and the backward
+recomputes the chunk-start states of one segment at a time):
+with dO = scale * do and D the gradient of the state at a chunk's end (dS_N at the end of the sequence),
+
+    dq = ((dO v^T) * M) k + (dO * lambda^(t+1)) S_chunk_start^T
+    dk = ((v dO^T) * M^T) q + (v D^T) * lambda^(C-1-s)
+    dv = ((q k^T) * M)^T dO + (k * lambda^(C-1-s)) D
+    D_previous_chunk = lambda^C D + (q * lambda^(t+1))^T dO,    dS_init = D before the first chunk
+    d log lambda = sum_t (t+1) (q_t . dq_t - k_t . dk_t) + N <dS_N, S_N>
+
+the last from treating G_t = (t+1) log lambda as free per-token variables: exact at lambda = 1 and for tiny lambda.
 """
 
 from __future__ import annotations
@@ -15,16 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
-from .base import (
-    Method,
-    causal_decay_matrix,
-    decay_powers,
-    elem_bytes,
-    finish,
-    head_log_decay,
-    new_output,
-    state_contribution,
-)
+from .base import Method, causal_decay_matrix, decay_factor, decay_powers, elem_bytes, output_buffer
 
 
 def segment_length(x: AttentionInputs, chunk_size: int, segment_bytes: int) -> int:
@@ -35,70 +38,159 @@ def segment_length(x: AttentionInputs, chunk_size: int, segment_bytes: int) -> i
     return chunk_size * chunks
 
 
+class Decays:
+    """Decay factors of a chunk of c tokens, every one exp(non-positive), shaped to broadcast over chunks."""
+
+    def __init__(self, log_decay: torch.Tensor, c: int):
+        idx = torch.arange(c, device=log_decay.device, dtype=log_decay.dtype)
+        self.mask = causal_decay_matrix(log_decay, c).unsqueeze(2)  # (1, H, 1, c, c): lambda^(t-s), s <= t
+        self.q = decay_powers(log_decay, idx + 1).unsqueeze(2)  # (1, H, 1, c, 1): lambda^(t+1)
+        self.k = decay_powers(log_decay, c - 1 - idx).unsqueeze(2)  # (1, H, 1, c, 1): lambda^(c-1-s)
+        self.chunk = decay_factor(log_decay * c).view(1, -1, 1, 1)  # (1, H, 1, 1): lambda^c
+
+
+def pieces(n: int, c: int, seg: int):
+    """(start, stop, chunks): runs of whole chunks of c tokens, then the last partial chunk if any (chunks = 0)."""
+    out = []
+    for start in range(0, n - n % c, seg):
+        stop = min(n - n % c, start + seg)
+        out.append((start, stop, (stop - start) // c))
+    if n % c:
+        out.append((n - n % c, n, 0))
+    return out
+
+
+def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, save_starts):
+    """o (input dtype), the final state, and (if save_starts) the state at the start of every piece."""
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    cd = log_decay.dtype
+    C = max(1, min(chunk_size, N))
+    d = Decays(log_decay, C)
+    x_like = _Shape(q, v, cd)
+    state = initial_state if initial_state is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
+    o = output_buffer(q, Dv)
+    saved = []
+    for start, stop, chunks in pieces(N, C, segment_length(x_like, C, segment_bytes)):
+        r = C if chunks else stop - start  # tokens per chunk in this piece
+        dd = d if chunks else Decays(log_decay, r)
+        g = max(chunks, 1)
+        qc, kc, vc = (t[:, :, start:stop].to(cd).unflatten(2, (g, r)) for t in (q, k, v))
+        out = ((qc @ kc.transpose(-1, -2)) * dd.mask) @ vc
+        kv = (kc * dd.k).transpose(-1, -2) @ vc  # (B, H, g, Dk, Dv): each chunk's own contribution
+        if save_starts:
+            saved.append(state)
+        starts, state = chunk_starts(state, kv, dd.chunk)
+        out = out + (qc * dd.q) @ starts
+        if scale != 1.0:
+            out = out * scale
+        o[:, :, start:stop] = out.flatten(2, 3)
+    return o, state, saved
+
+
+def chunk_starts(state, kv, chunk_decay):
+    """The state at the start of each of the chunks whose own contributions are kv (B, H, g, Dk, Dv), and the
+    state after the last. A loop over chunks measured faster on CPU than a batched discounted scan."""
+    starts = torch.empty_like(kv)
+    for c in range(kv.shape[2]):
+        starts[:, :, c] = state
+        state = chunk_decay * state + kv[:, :, c]
+    return starts, state
+
+
+def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state, chunk_size, segment_bytes):
+    """Gradients (dq, dk, dv, d log_decay, d initial_state) of chunked_fwd, recomputing chunk by chunk."""
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    cd = log_decay.dtype
+    C = max(1, min(chunk_size, N))
+    d = Decays(log_decay, C)
+    grad = d_final.to(cd) if d_final is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    weighted = torch.zeros(B, H, N, dtype=cd, device=q.device)  # q . dq - k . dk per token
+    plan = pieces(N, C, segment_length(_Shape(q, v, cd), C, segment_bytes))
+    for (start, stop, chunks), piece_start in zip(reversed(plan), reversed(saved)):
+        r = C if chunks else stop - start
+        dd = d if chunks else Decays(log_decay, r)
+        g = max(chunks, 1)
+        qc, kc, vc = (t[:, :, start:stop].to(cd).unflatten(2, (g, r)) for t in (q, k, v))
+        starts = chunk_starts(piece_start, (kc * dd.k).transpose(-1, -2) @ vc, dd.chunk)[0]  # recomputed
+        dos = do[:, :, start:stop].to(cd).unflatten(2, (g, r))
+        if scale != 1.0:
+            dos = dos * scale
+        qd = (qc * dd.q).transpose(-1, -2) @ dos  # (B, H, g, Dk, Dv): what each chunk adds to D going back
+        ends = torch.empty_like(qd)  # gradient of the state at each chunk's end
+        for c in reversed(range(g)):
+            ends[:, :, c] = grad
+            grad = dd.chunk * grad + qd[:, :, c]
+        dov = (dos @ vc.transpose(-1, -2)) * dd.mask  # (B, H, g, r, r)
+        gq = dov @ kc + (dos * dd.q) @ starts.transpose(-1, -2)
+        gk = dov.transpose(-1, -2) @ qc + (vc @ ends.transpose(-1, -2)) * dd.k
+        gv = ((qc @ kc.transpose(-1, -2)) * dd.mask).transpose(-1, -2) @ dos + (kc * dd.k) @ ends
+        weighted[:, :, start:stop] = ((qc * gq).sum(-1) - (kc * gk).sum(-1)).flatten(2)
+        dq[:, :, start:stop] = gq.flatten(2, 3)
+        dk[:, :, start:stop] = gk.flatten(2, 3)
+        dv[:, :, start:stop] = gv.flatten(2, 3)
+    steps = torch.arange(1, N + 1, device=q.device, dtype=cd)
+    d_log_decay = (weighted * steps).sum((0, 2))
+    if d_final is not None:
+        d_log_decay = d_log_decay + N * (d_final.to(cd) * final_state).sum((0, 2, 3))
+    return dq, dk, dv, d_log_decay, grad
+
+
+class ChunkedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes):
+        o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True)
+        ctx.save_for_backward(q, k, v, log_decay, final, *saved)
+        ctx.args = (scale, chunk_size, segment_bytes)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, log_decay, final, *saved = ctx.saved_tensors
+        scale, chunk_size, segment_bytes = ctx.args
+        dq, dk, dv, dg, ds0 = chunked_bwd(
+            q, k, v, log_decay, scale, saved, do, d_final, final, chunk_size, segment_bytes
+        )
+        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None
+
+
+class _Shape:
+    """The sizes segment_length needs, for host functions that have tensors rather than an inputs record."""
+
+    def __init__(self, q, v, cd):
+        self.batch, self.heads, self.seq_len, self.dk = q.shape
+        self.dv = v.shape[-1]
+        self.compute_dtype = cd
+
+
 class Chunked(Method):
     name = "chunked"
     algorithm = "block-based / Lightning Attention-2: exact intra-chunk block + carried state"
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv + C^2)"
-    options = {"chunk_size": 64, "segment_bytes": 64 << 20}
+    options = {"chunk_size": 64, "segment_bytes": 8 << 20}
 
     def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
         c = min(chunk_size, max(x.seq_len, 1))
         return 2.0 * x.batch * x.heads * x.seq_len * (c * (x.dk + x.dv) + 2 * x.dk * x.dv)
 
-    def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 64 << 20, **o) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **o) -> int:
         c = max(1, min(chunk_size, x.seq_len))
         seg = min(segment_length(x, c, segment_bytes), -(-x.seq_len // c) * c)
         # per token of a segment: scores and their masked copy (2C), decayed q and k, intra and inter outputs,
         # compute-dtype copies of q, k, v; per chunk: its state contribution and its start state
         per_token = 2 * c + 2 * x.dk + 2 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
         per_head = seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
+        if x.requires_grad:  # the segment-start states kept for the backward
+            per_head += -(-x.seq_len // seg) * x.dk * x.dv
         return elem_bytes(x) * x.batch * x.heads * per_head
 
-    def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 64 << 20, **options):
-        cd = x.compute_dtype
-        B, H, N = x.batch, x.heads, x.seq_len
-        C = max(1, min(chunk_size, N))
-        ld = x.log_decay
-        mask = causal_decay_matrix(ld, C).unsqueeze(2)  # (1, H, 1, C, C)
-        idx = torch.arange(C, device=x.device, dtype=cd)
-        q_decay = decay_powers(ld, idx + 1).unsqueeze(2)  # (1, H, 1, C, 1)
-        k_decay = decay_powers(ld, C - 1 - idx).unsqueeze(2)
-        chunk_decay = torch.exp(head_log_decay(x) * C)  # (1, H, 1, 1)
-
-        if x.initial_state is not None:
-            state = x.initial_state
-        else:
-            state = torch.zeros(B, H, x.dk, x.dv, dtype=cd, device=x.device)
-        o = new_output(x)
-        seg = segment_length(x, C, segment_bytes)
-        for start in range(0, N, seg):
-            end = min(N, start + seg)
-            n = end - start
-            full = n // C  # complete chunks in this segment
-            if full:
-                q = x.q[:, :, start : start + full * C].to(cd).unflatten(2, (full, C))
-                k = x.k[:, :, start : start + full * C].to(cd).unflatten(2, (full, C))
-                v = x.v[:, :, start : start + full * C].to(cd).unflatten(2, (full, C))
-                out = ((q @ k.transpose(-1, -2)) * mask) @ v
-                kv = (k * k_decay).transpose(-1, -2) @ v  # (B, H, full, Dk, Dv)
-                # state at the start of each chunk: a loop over chunks measured faster on CPU than a batched
-                # discounted scan over the (full, Dk, Dv) contributions
-                starts = torch.empty_like(kv)
-                for c in range(full):
-                    starts[:, :, c] = state
-                    state = chunk_decay * state + kv[:, :, c]
-                out = out + (q * q_decay) @ starts
-                o[:, :, start : start + full * C] = finish(x, out.flatten(2, 3))
-            if n > full * C:  # the sequence's last, partial chunk
-                r = n - full * C
-                q = x.q[:, :, start + full * C : end].to(cd)
-                k = x.k[:, :, start + full * C : end].to(cd)
-                v = x.v[:, :, start + full * C : end].to(cd)
-                out = ((q @ k.transpose(-1, -2)) * mask[:, :, 0, :r, :r]) @ v
-                out = out + (q * q_decay[:, :, 0, :r]) @ state
-                o[:, :, start + full * C : end] = finish(x, out)
-                if x.output_final_state:
-                    state = torch.exp(head_log_decay(x) * r) * state + state_contribution(k, v, ld)
+    def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **options):
+        args = (x.scale, chunk_size, segment_bytes)
+        if x.requires_grad:
+            o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args)
+        else:  # nothing saved
+            o, state, _ = chunked_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, *args[1:], False)
         return o, (state if x.output_final_state else None)
-

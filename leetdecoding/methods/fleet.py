@@ -26,6 +26,8 @@ class Fleet(Method):
     algorithm = "FleetAttention: Dk rank-one terms, each a discounted prefix sum"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(N Dv)"
+    # autograd through the rank-one scans would keep every P_d: O(N Dk Dv) memory, so no gradients
+    supports_grad = False
     options = {"budget_bytes": 64 << 20}
 
     def flops(self, x: AttentionInputs, **options) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
-from .base import Method, elem_bytes, finish, head_log_decay, new_output
+from .base import Method, elem_bytes, output_buffer
 
 
 def step(state, q_t, k_t, v_t, lam, out=None):
@@ -22,7 +22,76 @@ def step(state, q_t, k_t, v_t, lam, out=None):
         new = torch.addcmul(state * lam, k_t.unsqueeze(-1), v_t.unsqueeze(-2))
     else:
         new = torch.mul(state, lam, out=out).addcmul_(k_t.unsqueeze(-1), v_t.unsqueeze(-2))
-    return (q_t.unsqueeze(-2) @ new).squeeze(-2), new
+    b, h, dk, dv = new.shape
+    o = torch.bmm(q_t.reshape(b * h, 1, dk), new.reshape(b * h, dk, dv))  # bmm: fewer dispatch layers than @
+    return o.view(b, h, dv), new
+
+
+CHECKPOINT_EVERY = 64  # the forward keeps the state every this many tokens for the backward to restart from
+
+
+def recurrent_fwd(q, k, v, log_decay, scale, initial_state, save):
+    """o (input dtype), the final state, and (if save) the state before every CHECKPOINT_EVERY-th token."""
+    B, H, N, Dk = q.shape
+    cd = log_decay.dtype
+    lam = torch.exp(log_decay).view(1, -1, 1, 1)
+    if initial_state is None:
+        initial_state = torch.zeros(B, H, Dk, v.shape[-1], dtype=cd, device=q.device)
+    state = initial_state
+    buffer = torch.empty_like(state)  # updated in place: nothing per token is allocated or kept
+    o = output_buffer(q, v.shape[-1])
+    saved = []
+    for t in range(N):
+        if save and t % CHECKPOINT_EVERY == 0:
+            saved.append(state.clone())
+        o_t, state = step(state, q[:, :, t].to(cd), k[:, :, t].to(cd), v[:, :, t].to(cd), lam, buffer)
+        o[:, :, t] = o_t * scale if scale != 1.0 else o_t
+    return o, (state.clone() if N else state), saved
+
+
+def recurrent_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state):
+    """Gradients of recurrent_fwd, token by token backwards: R_t = lambda R_{t+1} + scale q_t^T do_t is the
+    gradient of S_t; dq_t = scale do_t S_t^T, dk_t = R_t v_t, dv_t = R_t^T k_t. The states of each stretch of
+    CHECKPOINT_EVERY tokens are recomputed from its saved start."""
+    B, H, N, Dk = q.shape
+    cd = log_decay.dtype
+    lam = torch.exp(log_decay).view(1, -1, 1, 1)
+    grad = d_final.to(cd) if d_final is not None else torch.zeros(B, H, Dk, v.shape[-1], dtype=cd, device=q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for i in reversed(range(len(saved))):
+        start, stop = i * CHECKPOINT_EVERY, min(N, (i + 1) * CHECKPOINT_EVERY)
+        states, state = [], saved[i]
+        for t in range(start, stop):
+            state = step(state, q[:, :, t].to(cd), k[:, :, t].to(cd), v[:, :, t].to(cd), lam)[1]
+            states.append(state)
+        for t in reversed(range(start, stop)):
+            q_t, k_t, v_t, do_t = (x[:, :, t].to(cd) for x in (q, k, v, do))
+            grad = torch.addcmul(grad, q_t.unsqueeze(-1), (scale * do_t).unsqueeze(-2))
+            dq[:, :, t] = scale * (states[t - start] @ do_t.unsqueeze(-1)).squeeze(-1)
+            dk[:, :, t] = (grad @ v_t.unsqueeze(-1)).squeeze(-1)
+            dv[:, :, t] = (k_t.unsqueeze(-2) @ grad).squeeze(-2)
+            grad = grad * lam
+    steps = torch.arange(1, N + 1, device=q.device, dtype=cd)
+    weighted = (q.to(cd) * dq.to(cd)).sum(-1) - (k.to(cd) * dk.to(cd)).sum(-1)
+    d_log_decay = (weighted * steps).sum((0, 2))
+    if d_final is not None:
+        d_log_decay = d_log_decay + N * (d_final.to(cd) * final_state).sum((0, 2, 3))
+    return dq, dk, dv, d_log_decay, grad
+
+
+class RecurrentFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, scale):
+        o, final, saved = recurrent_fwd(q, k, v, log_decay, scale, initial_state, True)
+        ctx.save_for_backward(q, k, v, log_decay, final, *saved)
+        ctx.scale = scale
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, log_decay, final, *saved = ctx.saved_tensors
+        dq, dk, dv, dg, ds0 = recurrent_bwd(q, k, v, log_decay, ctx.scale, saved, do, d_final, final)
+        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None
 
 
 class Recurrent(Method):
@@ -35,19 +104,14 @@ class Recurrent(Method):
         return 4.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv
 
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
-        return elem_bytes(x) * x.batch * x.heads * (2 * x.dk * x.dv + x.dk + x.dv)
+        per_head = 2 * x.dk * x.dv + x.dk + x.dv
+        if x.requires_grad:  # saved states for the backward, and one stretch of recomputed states in it
+            per_head += (x.seq_len // CHECKPOINT_EVERY + 1 + CHECKPOINT_EVERY) * x.dk * x.dv
+        return elem_bytes(x) * x.batch * x.heads * per_head
 
     def forward(self, x: AttentionInputs, **options):
-        cd = x.compute_dtype
-        lam = torch.exp(head_log_decay(x))
-        if x.initial_state is not None:
-            state = x.initial_state
+        if x.requires_grad:
+            o, state = RecurrentFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale)
         else:
-            state = torch.zeros(x.batch, x.heads, x.dk, x.dv, dtype=cd, device=x.device)
-        # without autograd, one private buffer updated in place; with it, a new state per token
-        buffer = None if x.requires_grad else torch.empty_like(state)
-        o = new_output(x)
-        for t in range(x.seq_len):
-            o_t, state = step(state, x.q[:, :, t].to(cd), x.k[:, :, t].to(cd), x.v[:, :, t].to(cd), lam, buffer)
-            o[:, :, t] = finish(x, o_t)
+            o, state, _ = recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, False)
         return o, (state if x.output_final_state else None)

@@ -1,0 +1,66 @@
+"""Training step: forward + backward of leetdecoding.attention ("auto") against autograd through transformers'
+MiniMaxLightningAttention prefill loop, on the same inputs; time and peak memory.
+
+    python -m benchmarks.cpu_train                     # B=1, H=8, N in {4096, 16384, 65536}, D=128, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import leetdecoding as ld
+from benchmarks.common import feed, header, interleaved, minimax_core, minimax_log_decay
+from leetdecoding.bench.memory import measure_peak
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", default="4096,16384,65536")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args(argv)
+    header(f"forward + backward, B=1 H={a.heads} D={a.dim} fp32, MiniMax decays (layer 0 of 12)")
+    print(f"{'N':>6s} {'loop ms':>9s} {'ours ms':>9s} {'speed-up':>9s} {'loop peak MiB':>14s} {'ours peak MiB':>14s} "
+          f"{'ratio':>6s} {'max grad err':>13s}")
+    for n in (int(x) for x in a.n.split(",")):
+        row = measure(n, a.heads, a.dim, a.rounds)
+        print(f"{n:6d} {row['loop'] * 1e3:9.0f} {row['ours'] * 1e3:9.0f} {row['loop'] / row['ours']:8.2f}x "
+              f"{row['loop_peak'] / 2**20:14.0f} {row['ours_peak'] / 2**20:14.0f} "
+              f"{row['ours_peak'] / row['loop_peak']:6.2f} {row['err']:13.1e}")
+
+
+def measure(n: int, h: int, d: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, n, d, requires_grad=True) for _ in range(3))
+    do = torch.randn(1, h, n, d)
+    module = minimax_core(h, d)
+    hidden = feed(module, q, k, v)
+    log_decay = minimax_log_decay(module)
+
+    do_loop = do.transpose(1, 2).reshape(1, n, h * d)
+
+    # a scalar loss <o, do>, so that neither side keeps its output alive through the backward
+    def loop_step():
+        loss = (module(hidden, None, None)[0] * do_loop).sum()  # the loop's output is (B, N, H * D)
+        return torch.autograd.grad(loss, (q, k, v))
+
+    def ours_step():
+        loss = (ld.attention(q, k, v, log_decay=log_decay) * do).sum()
+        return torch.autograd.grad(loss, (q, k, v))
+
+    loop_grads, loop_peak = measure_peak(loop_step, "cpu")
+    ours_grads, ours_peak = measure_peak(ours_step, "cpu")
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours_grads, loop_grads))
+    if err > 1e-3:
+        raise SystemExit(f"N={n}: gradients differ by {err:.2e}: no speed is reported")
+    del loop_grads, ours_grads
+    stats = interleaved({"loop": loop_step, "ours": ours_step}, rounds=rounds, warmup=0)
+    return {"loop": stats["loop"].median, "ours": stats["ours"].median, "loop_peak": loop_peak,
+            "ours_peak": ours_peak, "err": err}
+
+
+if __name__ == "__main__":
+    main()

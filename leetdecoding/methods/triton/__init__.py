@@ -1,0 +1,169 @@
+"""The GPU methods: Triton kernels of the chunked, recurrent and FleetAttention algorithms.
+
+This module only declares them; it never imports Triton. The kernels (`chunked.py`, `recurrent.py`,
+`fleet.py`, registered as torch.library operators in `ops.py`) are imported the first time a method runs, so
+`import leetdecoding` works everywhere, and a machine without Triton or a GPU gets a clear refusal instead.
+
+With `TRITON_INTERPRET=1` in the environment before leetdecoding is imported, the methods also accept CPU
+tensors (and fp64, which lets gradcheck reach the kernels) and run in Triton's interpreter: how the tests run
+them without a GPU. Slow, exact, for testing only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ...inputs import AttentionInputs
+from ..base import Method, elem_bytes
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def triton_missing() -> str | None:
+    """Why the Triton kernels cannot run in this process at all, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "needs the triton package (pip install triton; Linux with an NVIDIA GPU)"
+    if not INTERPRET and not torch.cuda.is_available():
+        return "needs a CUDA GPU (or TRITON_INTERPRET=1 set before import, to run Triton's interpreter on CPU)"
+    return None
+
+
+class TritonMethod(Method):
+    backend = "triton"
+    devices = ("cuda", "cpu") if INTERPRET else ("cuda",)
+    dtypes = GPU_DTYPES + ((torch.float64,) if INTERPRET else ())
+    max_head_dim = MAX_HEAD_DIM
+    supports_grad = False
+
+    def unavailable_reason(self) -> str | None:
+        return triton_missing()
+
+    def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
+        reasons = super().not_supported_reasons(x)
+        if x.device.type == "cuda" and x.dtype == torch.bfloat16 and not reasons:
+            major, minor = torch.cuda.get_device_capability(x.device)
+            if major < 8:
+                reasons.append(f"bfloat16 kernels need compute capability 8.0 or newer; this GPU has {major}.{minor}")
+        return reasons
+
+    def _state_bytes(self, x: AttentionInputs) -> int:
+        return elem_bytes(x) * x.batch * x.heads * x.dk * x.dv
+
+
+class TritonChunked(TritonMethod):
+    name = "triton_chunked"
+    algorithm = "chunked (Lightning Attention-2) as one fused Triton pass per (batch, head, Dv block); Triton backward"
+    supports_grad = True
+    time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
+    memory_complexity = "O(Dk Dv) (state on chip; backward stores no states)"
+    options = {"chunk_size": 64, "precision": "tf32x3"}
+
+    def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
+        c = min(chunk_size, max(x.seq_len, 1))
+        return 2.0 * x.batch * x.heads * x.seq_len * (c * (x.dk + x.dv) + 2 * x.dk * x.dv)
+
+    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+        return self._state_bytes(x)
+
+    def forward(self, x: AttentionInputs, chunk_size: int = 64, precision: str = "tf32x3", **options):
+        if chunk_size not in (16, 32, 64, 128):
+            raise ValueError(f"triton_chunked: chunk_size must be 16, 32, 64 or 128; got {chunk_size}.")
+        from . import ops
+
+        o, final = ops.chunked_fwd(
+            x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state, chunk_size, precision
+        )
+        return o, (final if x.output_final_state else None)
+
+
+class TritonRecurrent(TritonMethod):
+    name = "triton_recurrent"
+    algorithm = "causal dot product: one state update per token, the state block on chip (Triton)"
+    time_complexity = "O(N Dk Dv)"
+    memory_complexity = "O(Dk Dv)"
+
+    def flops(self, x: AttentionInputs, **options) -> float:
+        return 4.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv
+
+    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+        return self._state_bytes(x)
+
+    def forward(self, x: AttentionInputs, **options):
+        from . import ops
+
+        o, final = ops.recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
+        return o, (final if x.output_final_state else None)
+
+
+class TritonFleet(TritonMethod):
+    name = "triton_fleet"
+    algorithm = "FleetAttention: Dk rank-one discounted scans, blockwise and exact (Triton, forward only)"
+    time_complexity = "O(N Dk Dv)"
+    memory_complexity = "O(N Dv)"
+    time_exponent = 1.0
+
+    def flops(self, x: AttentionInputs, **options) -> float:
+        return 2.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv * (16 + 3)
+
+    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+        # an fp32 accumulator for the output when Dk spans several blocks of 16
+        acc = elem_bytes(x) * x.batch * x.heads * x.seq_len * x.dv if x.dk > 16 else 0
+        return acc + self._state_bytes(x)
+
+    def forward(self, x: AttentionInputs, **options):
+        from . import ops
+
+        o, final = ops.fleet_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
+        return o, (final if x.output_final_state else None)
+
+
+METHODS = (TritonChunked(), TritonRecurrent(), TritonFleet())
+
+
+def decode_step_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor) -> list[str]:
+    """Why `decode_step` below cannot run these (validated) decode inputs; empty when it can."""
+    reasons = []
+    missing = triton_missing()
+    if missing:
+        reasons.append(missing)
+    if q.device.type not in TritonMethod.devices:
+        reasons.append(f"runs on {'/'.join(TritonMethod.devices)}, not {q.device.type}")
+    if q.dtype not in TritonMethod.dtypes:
+        reasons.append(f"supports float32, float16 and bfloat16, not {str(q.dtype).replace('torch.', '')}")
+    if max(state.shape[-2:]) > MAX_HEAD_DIM:
+        reasons.append(f"head dims up to {MAX_HEAD_DIM}, got Dk={state.shape[-2]}, Dv={state.shape[-1]}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state)):
+        reasons.append("no gradient support")
+    return reasons
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float = 1.0,
+    out_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token in one fused kernel: q, k (B, H, Dk), v (B, H, Dv) (any strides), state (B, H, Dk, Dv) fp32,
+    log_decay (H,) fp32. Returns (o (B, H, Dv) in q's dtype, new_state); the new state is written into
+    `out_state` when given (`out_state=state` updates in place), into a new tensor otherwise.
+
+    Inputs are trusted (validate with `leetdecoding.inputs.validate_decode` first); `decode_step_reasons`
+    says whether the kernel can run them.
+    """
+    from . import ops
+
+    if out_state is None:
+        out_state = torch.empty_like(state, memory_format=torch.contiguous_format)
+    o = ops.decode_step(q, k, v, state, log_decay, float(scale), out_state)
+    return o, out_state
+
+
+__all__ = ["METHODS", "TritonChunked", "TritonFleet", "TritonRecurrent", "decode_step", "decode_step_reasons"]

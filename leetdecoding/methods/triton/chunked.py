@@ -1,0 +1,514 @@
+"""triton_chunked: the chunked (Lightning Attention-2) algorithm as fused single-pass Triton kernels.
+
+Forward: one program per (Dv block, batch * head) walks the sequence chunk by chunk (BT tokens) with the state
+block S (Dk x BV, fp32) kept on chip:
+
+    o_i   = scale * ( sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j  +  lambda^(i+1) q_i S )      i, j in the chunk
+    S    <- lambda^L S + sum_j lambda^(L-1-j) k_j^T v_j                                         L = chunk length
+
+Backward (three kernels, the same walk): with the state-gradient dH (the gradient of the loss with respect to
+the state entering a chunk; dH = dS_N after the last chunk) carried backwards,
+
+    dq_i = scale * ( sum_{j <= i} lambda^(i-j) (do_i . v_j) k_j  +  lambda^(i+1) do_i S^T )   (forward walk)
+    dk_j = scale * sum_{i >= j} lambda^(i-j) (do_i . v_j) q_i  +  lambda^(L-1-j) v_j dH^T    (backward walk)
+    dv_j = scale * sum_{i >= j} lambda^(i-j) (q_i . k_j) do_i  +  lambda^(L-1-j) k_j dH
+    dH  <- lambda^L dH + scale * sum_i lambda^(i+1) q_i^T do_i,          dS_0 = dH at the start
+    dlog_lambda = sum_t (t+1) (q_t . dq_t - k_t . dk_t)  +  N <S_N, dS_N>
+
+Nothing of size N Dk Dv (not even per-chunk states) is stored: memory is the inputs, outputs and their grads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    INTERPRET,
+    SUM,
+    acc_dtype,
+    chunk_variants,
+    decay_power,
+    dim_block,
+    dot_flags,
+    empty_output,
+    launch,
+    launcher,
+    round_bf16,
+    round_to_bf16,
+    strides,
+    torch_acc_dtype,
+    warps,
+)
+
+# strides of the batch and head axes depend on N for some layouts: never specialise on them (nor on N)
+_NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def chunked_fwd_kernel(
+    Q, K, V, O, S0, SN, LOG_DECAY, DECAY,
+    scale, N, H, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    s0b, s0h, s0k, s0v,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    i_bh = tl.program_id(0)  # batch * head on the first grid axis (up to 2^31 - 1 programs)
+    i_v = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    g = tl.load(LOG_DECAY + i_h).to(ACC)
+    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
+    c_lo = tl.load(DECAY + 2 * i_h + 1)
+
+    o_t = tl.arange(0, BT)
+    o_t64 = o_t.to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    # b_d[i, j] = lambda^(i-j) for j <= i, else 0; b_dq[i] = lambda^(i+1): exp of non-positive numbers only
+    m_ij = o_t[:, None] >= o_t[None, :]
+    b_d = tl.where(m_ij, tl.exp(g * tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)), 0)
+    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+
+    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd  # (1, BK); rows added per chunk
+    p_k0 = K + i_b * skb + i_h * skh + o_k[:, None] * skd  # (BK, 1): k loaded transposed
+    p_v0 = V + i_b * svb + i_h * svh + o_v[None, :] * svd
+    p_o0 = O + i_b * sob + i_h * soh + o_v[None, :] * sod
+
+    m_s = m_k[:, None] & m_v[None, :]
+    b_s = tl.zeros([BK, BV], dtype=ACC)
+    if USE_INITIAL_STATE:
+        p_s0 = S0 + i_b * s0b + i_h * s0h + o_k[:, None] * s0k + o_v[None, :] * s0v
+        b_s = tl.load(p_s0, mask=m_s, other=0).to(ACC)
+
+    for i_c in range(0, (N + BT - 1) // BT):
+        r_t = i_c * BT + o_t64  # the chunk's token indices (64-bit)
+        m_t = r_t < N
+        b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_t[:, None] & m_k[None, :], other=0)
+        b_k = tl.load(p_k0 + r_t[None, :] * skn, mask=m_k[:, None] & m_t[None, :], other=0)  # (BK, BT)
+        b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
+        n_c = tl.minimum(N - i_c * BT, BT)  # tokens in this chunk
+        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))  # lambda^(L-1-j); rows past L are zero
+        if NATIVE_QK:
+            b_a = tl.dot(b_q, b_k)
+        else:
+            b_a = tl.dot(b_q.to(ACC), b_k.to(ACC), input_precision=PREC)
+        b_a = b_a * b_d
+        b_qd = b_q.to(ACC) * b_dq[:, None]
+        b_kd2 = b_k.to(ACC) * b_kd[None, :]
+        if LOW_PRECISION:
+            b_o = tl.dot(b_a.to(b_v.dtype), b_v) + tl.dot(b_qd.to(b_v.dtype), b_s.to(b_v.dtype))
+            b_upd = tl.dot(b_kd2.to(b_v.dtype), b_v)
+        else:
+            b_v = b_v.to(ACC)
+            b_o = tl.dot(b_a, b_v, input_precision=PREC) + tl.dot(b_qd, b_s, input_precision=PREC)
+            b_upd = tl.dot(b_kd2, b_v, input_precision=PREC)
+        b_o = b_o * scale
+        if ROUND_BF16:
+            b_o = round_to_bf16(b_o)
+        tl.store(p_o0 + r_t[:, None] * son, b_o.to(O.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
+        f_lo = tl.where(n_c == BT, c_lo, 0)
+        b_s = b_s * f_hi + b_s * f_lo + b_upd
+
+    if STORE_FINAL_STATE:
+        p_sn = SN + i_bh.to(tl.int64) * DK * DV + o_k[:, None] * DV + o_v[None, :]
+        tl.store(p_sn, b_s.to(SN.dtype.element_ty), mask=m_s)
+
+
+_NO_SPEC_BWD = [*_NO_SPEC, "sdb", "sdh"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC_BWD)
+def chunked_bwd_dq_kernel(
+    Q, K, V, DO, DQ, S0, DGQ, LOG_DECAY, DECAY,
+    scale, N, H, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    s0b, s0h, s0k, s0v,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """dq for one Dk block (all of Dv), walking forwards with S^T (Dv x BK); also sum_t (t+1) q_t . dq_t."""
+    i_bh = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    g = tl.load(LOG_DECAY + i_h).to(ACC)
+    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
+    c_lo = tl.load(DECAY + 2 * i_h + 1)
+
+    o_t = tl.arange(0, BT)
+    o_t64 = o_t.to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    m_ij = o_t[:, None] >= o_t[None, :]
+    b_d = tl.where(m_ij, tl.exp(g * tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)), 0)
+    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+
+    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd
+    p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
+    p_v0 = V + i_b * svb + i_h * svh + o_v[:, None] * svd  # v loaded transposed (BV, BT)
+    p_do0 = DO + i_b * sdb + i_h * sdh + o_v[None, :] * sdd
+    p_dq0 = DQ + i_bh.to(tl.int64) * N * DK + o_k[None, :]  # dq is contiguous (B, H, N, Dk)
+
+    b_st = tl.zeros([BV, BK], dtype=ACC)  # S^T for this Dk block
+    if USE_INITIAL_STATE:
+        p_s0 = S0 + i_b * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
+        b_st = tl.load(p_s0, mask=m_v[:, None] & m_k[None, :], other=0).to(ACC)
+    b_dg = tl.zeros([BT], dtype=ACC)
+
+    for i_c in range(0, (N + BT - 1) // BT):
+        r_t = i_c * BT + o_t64
+        m_t = r_t < N
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_tk, other=0)
+        b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_tk, other=0)
+        b_vt = tl.load(p_v0 + r_t[None, :] * svn, mask=m_v[:, None] & m_t[None, :], other=0)
+        b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_t[:, None] & m_v[None, :], other=0)
+        n_c = tl.minimum(N - i_c * BT, BT)
+        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
+        if NATIVE_QK:
+            b_da = tl.dot(b_do, b_vt)
+        else:
+            b_da = tl.dot(b_do.to(ACC), b_vt.to(ACC), input_precision=PREC)
+        b_da = b_da * b_d
+        b_dod = b_do.to(ACC) * b_dq[:, None]
+        b_kd2 = b_k.to(ACC) * b_kd[:, None]
+        if LOW_PRECISION:
+            b_dqv = tl.dot(b_da.to(b_k.dtype), b_k) + tl.dot(b_dod.to(b_k.dtype), b_st.to(b_k.dtype))
+            b_upd = tl.dot(b_vt, b_kd2.to(b_vt.dtype))
+        else:
+            b_dqv = tl.dot(b_da, b_k.to(ACC), input_precision=PREC) + tl.dot(b_dod, b_st, input_precision=PREC)
+            b_upd = tl.dot(b_vt.to(ACC), b_kd2, input_precision=PREC)
+        b_dqv = b_dqv * scale
+        b_out = b_dqv
+        if ROUND_BF16:
+            b_out = round_to_bf16(b_out)
+        tl.store(p_dq0 + r_t[:, None] * DK, b_out.to(DQ.dtype.element_ty), mask=m_tk)
+        b_dg += (r_t + 1).to(ACC) * tl.reduce(b_q.to(ACC) * b_dqv, 1, SUM)
+        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
+        f_lo = tl.where(n_c == BT, c_lo, 0)
+        b_st = b_st * f_hi + b_st * f_lo + b_upd
+
+    tl.store(DGQ + i_bh.to(tl.int64) * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, SUM))
+
+
+@triton.jit(do_not_specialize=_NO_SPEC_BWD)
+def chunked_bwd_dk_kernel(
+    Q, K, V, DO, DK_OUT, DSN, DS0, DGK, LOG_DECAY, DECAY,
+    scale, N, H, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdn, sdd,
+    snb, snh, snk, snv,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """dk for one Dk block (all of Dv), walking backwards with dH^T (Dv x BK); also dS_0 and
+    sum_t (t+1) k_t . dk_t."""
+    i_bh = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    g = tl.load(LOG_DECAY + i_h).to(ACC)
+    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
+    c_lo = tl.load(DECAY + 2 * i_h + 1)
+
+    o_t = tl.arange(0, BT)
+    o_t64 = o_t.to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    # transposed decay matrix: b_dt[j, i] = lambda^(i-j) for i >= j
+    m_ji = o_t[None, :] >= o_t[:, None]
+    b_dt = tl.where(m_ji, tl.exp(g * tl.where(m_ji, o_t[None, :] - o_t[:, None], 0).to(ACC)), 0)
+    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+
+    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd
+    p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
+    p_v0 = V + i_b * svb + i_h * svh + o_v[None, :] * svd
+    p_do0 = DO + i_b * sdb + i_h * sdh + o_v[:, None] * sdd  # do loaded transposed (BV, BT)
+    p_dk0 = DK_OUT + i_bh.to(tl.int64) * N * DK + o_k[None, :]
+
+    m_vk = m_v[:, None] & m_k[None, :]
+    b_dht = tl.zeros([BV, BK], dtype=ACC)  # dH^T for this Dk block
+    if USE_FINAL_GRAD:
+        p_dsn = DSN + i_b * snb + i_h * snh + o_v[:, None] * snv + o_k[None, :] * snk
+        b_dht = tl.load(p_dsn, mask=m_vk, other=0).to(ACC)
+    b_dg = tl.zeros([BT], dtype=ACC)
+
+    n_chunks = (N + BT - 1) // BT
+    for i_r in range(0, n_chunks):
+        i_c = n_chunks - 1 - i_r
+        r_t = i_c * BT + o_t64
+        m_t = r_t < N
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_tk, other=0)
+        b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_tk, other=0)
+        b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
+        b_dot = tl.load(p_do0 + r_t[None, :] * sdn, mask=m_v[:, None] & m_t[None, :], other=0)
+        n_c = tl.minimum(N - i_c * BT, BT)
+        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
+        if NATIVE_QK:
+            b_dat = tl.dot(b_v, b_dot)
+        else:
+            b_dat = tl.dot(b_v.to(ACC), b_dot.to(ACC), input_precision=PREC)
+        b_dat = b_dat * b_dt
+        b_vd = b_v.to(ACC) * b_kd[:, None]
+        b_qd = b_q.to(ACC) * b_dq[:, None]
+        if LOW_PRECISION:
+            b_dkv = tl.dot(b_dat.to(b_q.dtype), b_q) * scale + tl.dot(b_vd.to(b_q.dtype), b_dht.to(b_q.dtype))
+            b_upd = tl.dot(b_dot, b_qd.to(b_dot.dtype))
+        else:
+            b_dkv = tl.dot(b_dat, b_q.to(ACC), input_precision=PREC) * scale + tl.dot(b_vd, b_dht, input_precision=PREC)
+            b_upd = tl.dot(b_dot.to(ACC), b_qd, input_precision=PREC)
+        b_out = b_dkv
+        if ROUND_BF16:
+            b_out = round_to_bf16(b_out)
+        tl.store(p_dk0 + r_t[:, None] * DK, b_out.to(DK_OUT.dtype.element_ty), mask=m_tk)
+        b_dg += (r_t + 1).to(ACC) * tl.reduce(b_k.to(ACC) * b_dkv, 1, SUM)
+        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
+        f_lo = tl.where(n_c == BT, c_lo, 0)
+        b_dht = b_dht * f_hi + b_dht * f_lo + b_upd * scale
+
+    if STORE_INITIAL_GRAD:
+        p_ds0 = DS0 + i_bh.to(tl.int64) * DK * DV + o_v[:, None] + o_k[None, :] * DV
+        tl.store(p_ds0, b_dht.to(DS0.dtype.element_ty), mask=m_vk)
+    tl.store(DGK + i_bh.to(tl.int64) * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, SUM))
+
+
+@triton.jit(do_not_specialize=_NO_SPEC_BWD)
+def chunked_bwd_dv_kernel(
+    Q, K, DO, DV_OUT, DSN, LOG_DECAY, DECAY,
+    scale, N, H, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    sdb, sdh, sdn, sdd,
+    snb, snh, snk, snv,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_FINAL_GRAD: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    """dv for one Dv block (all of Dk), walking backwards with dH (Dk x BV)."""
+    i_bh = tl.program_id(0)  # batch * head on the first grid axis (up to 2^31 - 1 programs)
+    i_v = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    g = tl.load(LOG_DECAY + i_h).to(ACC)
+    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
+    c_lo = tl.load(DECAY + 2 * i_h + 1)
+
+    o_t = tl.arange(0, BT)
+    o_t64 = o_t.to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    m_ji = o_t[None, :] >= o_t[:, None]
+    b_dt = tl.where(m_ji, tl.exp(g * tl.where(m_ji, o_t[None, :] - o_t[:, None], 0).to(ACC)), 0)
+    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+
+    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[:, None] * sqd  # q loaded transposed (BK, BT)
+    p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
+    p_do0 = DO + i_b * sdb + i_h * sdh + o_v[None, :] * sdd
+    p_dv0 = DV_OUT + i_bh.to(tl.int64) * N * DV + o_v[None, :]
+
+    b_dh = tl.zeros([BK, BV], dtype=ACC)
+    if USE_FINAL_GRAD:
+        p_dsn = DSN + i_b * snb + i_h * snh + o_k[:, None] * snk + o_v[None, :] * snv
+        b_dh = tl.load(p_dsn, mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
+
+    n_chunks = (N + BT - 1) // BT
+    for i_r in range(0, n_chunks):
+        i_c = n_chunks - 1 - i_r
+        r_t = i_c * BT + o_t64
+        m_t = r_t < N
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_qt = tl.load(p_q0 + r_t[None, :] * sqn, mask=m_k[:, None] & m_t[None, :], other=0)
+        b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_t[:, None] & m_k[None, :], other=0)
+        b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_tv, other=0)
+        n_c = tl.minimum(N - i_c * BT, BT)
+        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
+        if NATIVE_QK:
+            b_at = tl.dot(b_k, b_qt)
+        else:
+            b_at = tl.dot(b_k.to(ACC), b_qt.to(ACC), input_precision=PREC)
+        b_at = b_at * b_dt
+        b_kd2 = b_k.to(ACC) * b_kd[:, None]
+        b_qd = b_qt.to(ACC) * b_dq[None, :]
+        if LOW_PRECISION:
+            b_dvv = tl.dot(b_at.to(b_do.dtype), b_do) * scale + tl.dot(b_kd2.to(b_do.dtype), b_dh.to(b_do.dtype))
+            b_upd = tl.dot(b_qd.to(b_do.dtype), b_do)
+        else:
+            b_dof = b_do.to(ACC)
+            b_dvv = tl.dot(b_at, b_dof, input_precision=PREC) * scale + tl.dot(b_kd2, b_dh, input_precision=PREC)
+            b_upd = tl.dot(b_qd, b_dof, input_precision=PREC)
+        if ROUND_BF16:
+            b_dvv = round_to_bf16(b_dvv)
+        tl.store(p_dv0 + r_t[:, None] * DV, b_dvv.to(DV_OUT.dtype.element_ty), mask=m_tv)
+        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
+        f_lo = tl.where(n_c == BT, c_lo, 0)
+        b_dh = b_dh * f_hi + b_dh * f_lo + b_upd * scale
+
+
+# ----- host side -----
+
+
+def _fwd_tiles(dk: int, dv: int) -> tuple[int, int]:
+    bk = dim_block(dk)
+    bv = dim_block(dv)
+    if not INTERPRET:  # one program per Dv block: keep the state block S (BK x BV) in registers
+        bv = min(bv, 64 if bk <= 128 else 32)
+    return bk, bv
+
+
+def _bwd_tiles(d_split: int, d_full: int) -> tuple[int, int, int]:
+    """(BT, block of the split dim, block of the full dim) for the backward kernels."""
+    full = dim_block(d_full)
+    split = dim_block(d_split)
+    if INTERPRET:
+        return 64, split, full
+    split = min(split, 64 if full <= 128 else 32)
+    bt = 64 if full <= 128 else 32
+    return bt, split, full
+
+
+def _stages(dtype: torch.dtype) -> int:
+    return 2 if dtype == torch.float32 else 3
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    scale: float,
+    output_final_state: bool,
+    chunk_size: int,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, H, N, Dv) in q's dtype and the final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked)."""
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = torch_acc_dtype(q.dtype)
+    o = empty_output((B, H, N, Dv), q.dtype, q.device)
+    final = torch.empty((B, H, Dk, Dv) if output_final_state else (0,), dtype=acc, device=q.device)
+    fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
+    prec, native, low = dot_flags(q.dtype, precision)
+    bk, bv = _fwd_tiles(Dk, Dv)
+
+    def run(variant):
+        bt, stages = variant
+        launcher(chunked_fwd_kernel)[(B * H, triton.cdiv(Dv, bv))](
+            q, k, v, o, initial_state if initial_state is not None else o, final, log_decay,
+            decay_power(log_decay, bt),
+            1.0 if fp64 else scale, N, H, Dk, Dv,
+            *strides(q), *strides(k), *strides(v), *strides(o), *strides(initial_state),
+            BT=bt, BK=bk, BV=bv,
+            USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+            ACC=acc_dtype(q.dtype), PREC=prec, NATIVE_QK=native, LOW_PRECISION=low, ROUND_BF16=round_bf16(q.dtype),
+            num_warps=warps(bk * bv), num_stages=stages,
+        )  # fmt: skip
+
+    key = ("fwd", Dk, Dv, q.dtype, chunk_size, precision, initial_state is not None, output_final_state)
+    launch(key, chunk_variants(chunk_size, _stages(q.dtype)), run)
+    if fp64 and scale != 1.0:
+        o.mul_(scale)
+    return o, final
+
+
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    final_state: torch.Tensor | None,
+    do: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    scale: float,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dlog_decay, dinitial_state or None). `final_state` is needed when `dfinal` is given."""
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = torch_acc_dtype(q.dtype)
+    if q.dtype == torch.float64:  # an fp64 scale applied to do here rather than as an fp32 kernel argument
+        do, scale = do * scale, 1.0
+    prec, native, low = dot_flags(q.dtype, precision)
+    flags = dict(ACC=acc_dtype(q.dtype), PREC=prec, NATIVE_QK=native, LOW_PRECISION=low, ROUND_BF16=round_bf16(q.dtype))
+    dq = torch.empty(B, H, N, Dk, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H, N, Dk, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
+    ds0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device) if initial_state is not None else None
+    dfinal_or_any = dfinal if dfinal is not None else q  # a pointer the kernel never reads without the flag
+    key = (Dk, Dv, q.dtype, precision, initial_state is not None, dfinal is not None)
+
+    bt_k, bk, bvf = _bwd_tiles(Dk, Dv)
+    nk = triton.cdiv(Dk, bk)
+    dg_q = torch.empty(B * H, nk, dtype=acc, device=q.device)
+    dg_k = torch.empty(B * H, nk, dtype=acc, device=q.device)
+    common = (scale, N, H, Dk, Dv, *strides(q), *strides(k), *strides(v), *strides(do))
+
+    def run_dq(variant):
+        bt, stages = variant
+        launcher(chunked_bwd_dq_kernel)[(B * H, nk)](
+            q, k, v, do, dq, initial_state if initial_state is not None else q, dg_q, log_decay,
+            decay_power(log_decay, bt),
+            *common, *strides(initial_state),
+            BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, **flags,
+            num_warps=warps(bvf * bk), num_stages=stages,
+        )  # fmt: skip
+
+    def run_dk(variant):
+        bt, stages = variant
+        launcher(chunked_bwd_dk_kernel)[(B * H, nk)](
+            q, k, v, do, dk, dfinal_or_any, ds0 if ds0 is not None else dg_k, dg_k, log_decay,
+            decay_power(log_decay, bt),
+            *common, *strides(dfinal),
+            BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, STORE_INITIAL_GRAD=ds0 is not None, **flags,
+            num_warps=warps(bvf * bk), num_stages=stages,
+        )  # fmt: skip
+
+    bt_v, bv, bkf = _bwd_tiles(Dv, Dk)
+
+    def run_dv(variant):
+        bt, stages = variant
+        launcher(chunked_bwd_dv_kernel)[(B * H, triton.cdiv(Dv, bv))](
+            q, k, do, dv, dfinal_or_any, log_decay, decay_power(log_decay, bt),
+            scale, N, H, Dk, Dv, *strides(q), *strides(k), *strides(do), *strides(dfinal),
+            BT=bt, BK=bkf, BV=bv, USE_FINAL_GRAD=dfinal is not None, **flags,
+            num_warps=warps(bkf * bv), num_stages=stages,
+        )  # fmt: skip
+
+    launch(("dq", *key), chunk_variants(bt_k, _stages(q.dtype)), run_dq)
+    launch(("dk", *key), chunk_variants(bt_k, _stages(q.dtype)), run_dk)
+    launch(("dv", *key), chunk_variants(bt_v, _stages(q.dtype)), run_dv)
+    # dlog_lambda: the per-position terms summed per head (in fp64: the two sums partly cancel), plus
+    # N <S_N, dS_N> from the final state
+    dg = (dg_q.double().sum(-1) - dg_k.double().sum(-1)).view(B, H).sum(0)
+    if dfinal is not None:
+        dg = dg + N * (final_state.double() * dfinal.double()).sum((0, 2, 3))
+    return dq, dk, dv, dg.to(log_decay.dtype), ds0

@@ -1,0 +1,139 @@
+"""triton_recurrent and the fused decode step: the recurrence S_t = lambda S_{t-1} + k_t^T v_t, o_t = scale q_t S_t,
+one token per step with the state block (Dk x BV, fp32) on chip.
+
+One program per (Dv block, group of BB batch-heads). On the GPU BB = 1; under the interpreter all heads share one
+program (the interpreter runs programs one after another, and its cost is per operation, not per element).
+
+`decode` is the same kernel at N = 1 on (B, H, D) inputs: it reads its state block, then writes the new one into
+`out_state`, which may be the state itself (each program reads its block entirely before writing it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    INTERPRET,
+    SUM,
+    acc_dtype,
+    decay_power,
+    dim_block,
+    empty_output,
+    launcher,
+    round_bf16,
+    round_to_bf16,
+    strides,
+    torch_acc_dtype,
+    warps,
+)
+
+_NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
+def recurrent_fwd_kernel(
+    Q, K, V, O, S0, SN, DECAY,
+    scale, N, BH, H, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    s0b, s0h, s0k, s0v,
+    snb, snh, snk, snv,
+    BB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr,
+):  # fmt: skip
+    i_p = tl.program_id(0)  # groups of batch * head on the first grid axis (up to 2^31 - 1 programs)
+    i_v = tl.program_id(1)
+    o_bh = i_p * BB + tl.arange(0, BB)
+    m_bh = o_bh < BH
+    i_b = (o_bh // H).to(tl.int64)
+    i_h = (o_bh % H).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < DK
+    m_v = o_v < DV
+    # lambda = hi + lo per head (accurate: it multiplies the state once per token)
+    b_hi = tl.load(DECAY + 2 * i_h, mask=m_bh, other=0)[:, None, None]  # (BB, 1, 1)
+    b_lo = tl.load(DECAY + 2 * i_h + 1, mask=m_bh, other=0)[:, None, None]
+
+    m_qk = m_bh[:, None] & m_k[None, :]
+    m_ov = m_bh[:, None] & m_v[None, :]
+    p_q = Q + (i_b * sqb + i_h * sqh)[:, None] + o_k[None, :] * sqd  # (BB, BK), advanced one token per step
+    p_k = K + (i_b * skb + i_h * skh)[:, None] + o_k[None, :] * skd
+    p_v = V + (i_b * svb + i_h * svh)[:, None] + o_v[None, :] * svd
+    p_o = O + (i_b * sob + i_h * soh)[:, None] + o_v[None, :] * sod
+
+    m_s = m_bh[:, None, None] & m_k[None, :, None] & m_v[None, None, :]
+    b_s = tl.zeros([BB, BK, BV], dtype=ACC)
+    if USE_INITIAL_STATE:
+        p_s0 = S0 + (i_b * s0b + i_h * s0h)[:, None, None] + o_k[None, :, None] * s0k + o_v[None, None, :] * s0v
+        b_s = tl.load(p_s0, mask=m_s, other=0).to(ACC)
+
+    for _ in range(0, N):
+        b_q = tl.load(p_q, mask=m_qk, other=0).to(ACC)
+        b_k = tl.load(p_k, mask=m_qk, other=0).to(ACC)
+        b_v = tl.load(p_v, mask=m_ov, other=0).to(ACC)
+        b_s = b_s * b_hi + b_s * b_lo + b_k[:, :, None] * b_v[:, None, :]
+        b_o = tl.reduce(b_q[:, :, None] * b_s, 1, SUM) * scale
+        if ROUND_BF16:
+            b_o = round_to_bf16(b_o)
+        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_ov)
+        p_q += sqn
+        p_k += skn
+        p_v += svn
+        p_o += son
+
+    if STORE_FINAL_STATE:
+        p_sn = SN + (i_b * snb + i_h * snh)[:, None, None] + o_k[None, :, None] * snk + o_v[None, None, :] * snv
+        tl.store(p_sn, b_s.to(SN.dtype.element_ty), mask=m_s)
+
+
+def _tiles(bh: int, dk: int, dv: int) -> tuple[int, int, int]:
+    bk = dim_block(dk)
+    bv = dim_block(dv)
+    if INTERPRET:
+        return min(dim_block(bh), 16), bk, bv
+    return 1, bk, min(bv, 64 if bk <= 64 else 32)
+
+
+def _launch(q, k, v, o, initial_state, final, log_decay, scale, n, state_out_strides):
+    B, H = q.shape[:2]
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
+    bb, bk, bv = _tiles(B * H, Dk, Dv)
+    grid = (triton.cdiv(B * H, bb), triton.cdiv(Dv, bv))
+    launcher(recurrent_fwd_kernel)[grid](
+        q, k, v, o, initial_state if initial_state is not None else o, final if final is not None else o,
+        decay_power(log_decay, 1),
+        1.0 if fp64 else scale, n, B * H, H, Dk, Dv,
+        *strides(q), *strides(k), *strides(v), *strides(o), *strides(initial_state), *state_out_strides,
+        BB=bb, BK=bk, BV=bv,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final is not None, ACC=acc_dtype(q.dtype),
+        ROUND_BF16=round_bf16(q.dtype),
+        num_warps=warps(bk * bv), num_stages=2,
+    )  # fmt: skip
+    if fp64 and scale != 1.0:
+        o.mul_(scale)
+
+
+def forward(q, k, v, log_decay, initial_state, scale: float, output_final_state: bool):
+    """o (B, H, N, Dv) in q's dtype, final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked)."""
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    o = empty_output((B, H, N, Dv), q.dtype, q.device)
+    shape = (B, H, Dk, Dv) if output_final_state else (0,)
+    final = torch.empty(shape, dtype=torch_acc_dtype(q.dtype), device=q.device)
+    out = final if output_final_state else None
+    _launch(q, k, v, o, initial_state, out, log_decay, scale, N, strides(out))
+    return o, final
+
+
+def decode(q, k, v, state, log_decay, scale: float, out_state):
+    """One token: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) fp32; the new state goes to `out_state`
+    (which may be `state`). Returns o (B, H, Dv) in q's dtype."""
+    o = empty_output(v.shape, q.dtype, q.device)
+    _launch(q, k, v, o, state, out_state, log_decay, scale, 1, strides(out_state))
+    return o
