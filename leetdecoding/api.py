@@ -93,6 +93,11 @@ def decode_step(
         q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad or d.log_decay.requires_grad
     ):
         raise ValueError("out_state writes in place and cannot be used while an input requires grad; drop it.")
+    if q.device.type == "cuda":  # one fused kernel per token where Triton can run it
+        from .methods import triton as triton_methods
+
+        if not triton_methods.decode_step_reasons(q, k, v, state):
+            return triton_methods.decode_step(q, k, v, state, d.log_decay, d.scale, out_state)
     lam = _FACTORS.get(d.log_decay, (), lambda: decay_factor(d.log_decay).view(1, -1, 1, 1))
     dtype = q.dtype
     if dtype != cd:

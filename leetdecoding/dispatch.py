@@ -107,14 +107,14 @@ def format_bytes(n: float) -> str:
 
 def priority(x: AttentionInputs) -> tuple[list[str], str]:
     """Methods in the order "auto" tries them, and why that order."""
+    order, why = _torch_priority(x)
     if x.device.type == "cuda":
-        order, why = _torch_priority(x)
         return (
             TRITON_FIRST_ON_CUDA + order,
             "on CUDA the Triton kernels come first: one fused launch per call with the state kept on chip, where "
             "the torch methods launch several kernels per chunk from Python; without them: " + why,
         )
-    return _torch_priority(x)
+    return order + TRITON_FIRST_ON_CUDA, why  # off CUDA (Triton's interpreter) the kernels are for testing only
 
 
 def _torch_priority(x: AttentionInputs) -> tuple[list[str], str]:

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from .api import attention
+from .methods import REGISTRY
 
 log = logging.getLogger("leetdecoding")
 
@@ -27,8 +28,13 @@ ALIASES = {
     "causal_dot_product_torch": "recurrent",
     "recursion": "recursion",
 }
-# names of the original's GPU kernels: here they run the same algorithm in PyTorch
-GPU_KERNEL_NAMES = {"lightningAttention2", "lightningAttention2_optimized", "FleetAttention", "causal_dot_product"}
+# names of the original's GPU kernels: their Triton method here where it can run, else the same algorithm in PyTorch
+GPU_KERNELS = {
+    "lightningAttention2": "triton_chunked",
+    "lightningAttention2_optimized": "triton_chunked",
+    "FleetAttention": "triton_fleet",
+    "causal_dot_product": "triton_recurrent",
+}
 _logged: set[str] = set()
 
 
@@ -43,7 +49,7 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
         raise ValueError("gamma is given but is_mask_weight=False; pass is_mask_weight=True to use the decay gamma.")
     if is_mask_weight and gamma is None:
         raise ValueError("is_mask_weight=True needs gamma, a tensor of shape (H,); got gamma=None.")
-    method = _method_name(attn_method)
+    method = _method_name(attn_method, q)
     if not is_mask_weight:
         return attention(q, k, v, method=method)
     heads = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 4 else None
@@ -59,17 +65,23 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
     return attention(q, k, v, decay=gamma, method=method)
 
 
-def _method_name(attn_method) -> str:
+def _method_name(attn_method, q) -> str:
     if attn_method is None:
         return "auto"
     if not isinstance(attn_method, str):
         raise TypeError(f"attn_method must be a string or None; got {type(attn_method).__name__}.")
-    if attn_method in GPU_KERNEL_NAMES and attn_method not in _logged:
-        _logged.add(attn_method)
-        log.warning(
-            "attn_method=%r: the GPU kernel of this name runs as the PyTorch method %r (same algorithm) "
-            "until the Triton kernels land.",
-            attn_method,
-            ALIASES[attn_method],
-        )
+    if attn_method in GPU_KERNELS:
+        kernel = REGISTRY[GPU_KERNELS[attn_method]]
+        on_gpu = isinstance(q, torch.Tensor) and q.device.type == "cuda"
+        if on_gpu and kernel.unavailable_reason() is None:
+            return kernel.name
+        if attn_method not in _logged:
+            _logged.add(attn_method)
+            why = "the inputs are not on a CUDA device" if not on_gpu else kernel.unavailable_reason()
+            log.warning(
+                "attn_method=%r runs as the PyTorch method %r (the same algorithm): %s.",
+                attn_method,
+                ALIASES[attn_method],
+                why,
+            )
     return ALIASES.get(attn_method, attn_method)

@@ -9,6 +9,8 @@ import leetdecoding as ld
 from leetdecoding import dispatch
 from leetdecoding.methods import REGISTRY
 
+from .runnable import RUNNABLE_ON_CPU
+
 
 def qkv(b=1, h=2, n=100, d=16):
     return tuple(torch.randn(b, h, n, d) for _ in range(3))
@@ -21,7 +23,7 @@ def test_auto_picks_by_length_and_says_why():
     assert long.method == "chunked" and long.options["chunk_size"] == dispatch.CHUNK_SIZE_SMALL_HEAD
     text = repr(long)
     assert text.startswith("inputs: q (1, 2, 129, 16)") and "chosen: chunked" in text
-    assert sorted(long.others) == sorted(n for n in REGISTRY if n != "chunked")
+    assert sorted(long.others) == sorted(n for n in RUNNABLE_ON_CPU if n != "chunked")
 
 
 def test_vanilla_at_a_million_tokens_is_refused_before_allocating():
@@ -52,7 +54,9 @@ def test_nothing_fits_lists_every_method(monkeypatch):
     monkeypatch.setattr(dispatch, "available_memory", lambda device: 0)
     with pytest.raises(ld.MethodRefusedError) as err:
         ld.attention(*qkv())
-    for name in REGISTRY:
+    for name in REGISTRY:  # every method is named, with its reasons
+        assert f"  {name}: " in str(err.value)
+    for name in RUNNABLE_ON_CPU:
         assert f"  {name}: needs about" in str(err.value)
     assert ld.explain(*qkv()).method is None
 

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import leetdecoding as ld
-from leetdecoding.methods import REGISTRY
 
 from .reference import TOLERANCE, assert_close, reference
+from .runnable import RUNNABLE_ON_CPU
 
 DECAYS = torch.tensor([1.0, 1 - 2**-12, 0.5, 1e-6], dtype=torch.float64)
-METHODS = list(REGISTRY)
+METHODS = RUNNABLE_ON_CPU
 
 
 def make(b, n, dk=12, dv=20, dtype=torch.float32, seed=0, h=4):

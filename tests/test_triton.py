@@ -373,10 +373,17 @@ def test_torch_compile_matches_eager():
 
 
 def _compiled_variants(kernel) -> int:
-    caches = getattr(kernel, "device_caches", None)
-    if caches is not None:
-        return sum(len(c[0]) for c in caches.values())
-    return sum(len(c) for c in getattr(kernel, "cache", {}).values())
+    """How many compiled variants Triton keeps for `kernel` (its per-device caches; layout varies by version)."""
+    caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", None)
+    if not caches:
+        pytest.skip("this Triton version keeps no inspectable kernel cache")
+    total = 0
+    for c in caches.values():
+        c = c[0] if isinstance(c, tuple) else c
+        if not isinstance(c, dict):
+            pytest.skip("this Triton version keeps no inspectable kernel cache")
+        total += len(c)
+    return total
 
 
 @gpu_only

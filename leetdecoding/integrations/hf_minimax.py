@@ -31,6 +31,8 @@ from torch import nn
 from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention, apply_mask_to_padding_states
 
 import leetdecoding as ld
+from leetdecoding.methods.base import decay_factor
+from leetdecoding.methods.recurrent import step
 
 from .hf_minimax_cache import LeetMiniMaxCache
 
@@ -51,6 +53,8 @@ class _Patch:
     _slope_version: int = -1
     _log_decay: torch.Tensor | None = None
     _methods: dict = field(default_factory=dict)
+    _factors_of: torch.Tensor | None = None
+    _factors: torch.Tensor | None = None
 
     def log_decay(self, module) -> torch.Tensor:
         """-slope_rate as (H,): rebuilt only when the buffer is replaced or changed in place, so that the same
@@ -60,6 +64,14 @@ class _Patch:
             self._slope, self._slope_version = slope, slope._version
             self._log_decay = -slope.detach().reshape(-1)
         return self._log_decay
+
+    def factors(self, module) -> torch.Tensor:
+        """lambda = exp(-slope_rate) as (1, H, 1, 1) in fp32, for the decode step; follows log_decay's cache."""
+        log_decay = self.log_decay(module)
+        if log_decay is not self._factors_of:
+            self._factors_of = log_decay
+            self._factors = decay_factor(log_decay.to(torch.float32)).view(1, -1, 1, 1)
+        return self._factors
 
     def count(self, path: str, method: str) -> None:
         per_path = self.calls.setdefault(path, {})
@@ -103,10 +115,14 @@ def _attend(self, rec: _Patch, qkv: torch.Tensor, state):
     b, n, h, _, d = qkv.shape
     log_decay = rec.log_decay(self)
     if state is not None and n == 1:
+        # one token: the recurrence step itself, on inputs this layer made (nothing for the public checks to
+        # catch), with lambda kept per layer and the cached state updated in place when autograd allows
         rec.count("decode", "decode_step")
-        q, k, v = qkv[:, 0].unbind(2)  # (B, H, D) views
-        o, state = ld.decode_step(q, k, v, state, log_decay=log_decay)
-        return o.reshape(b, 1, h * d), state
+        cd = state.dtype
+        q, k, v = (t.to(cd) for t in qkv[:, 0].unbind(2))  # (B, H, D)
+        in_place = not (torch.is_grad_enabled() and (qkv.requires_grad or state.requires_grad))
+        o, state = step(state, q, k, v, rec.factors(self).to(cd), state if in_place else None)
+        return o.to(qkv.dtype).reshape(b, 1, h * d), state
     q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # (B, H, N, D) views
     path = "prefill" if state is None else "continue"
     method = rec.method_for(path, q, k, v, log_decay, state)

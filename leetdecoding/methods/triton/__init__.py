@@ -57,10 +57,10 @@ class TritonMethod(Method):
 
 class TritonChunked(TritonMethod):
     name = "triton_chunked"
-    algorithm = "chunked (Lightning Attention-2) as one fused Triton pass per (batch, head, Dv block); Triton backward"
+    algorithm = "chunked / Lightning Attention-2 in fused Triton kernels, forward and backward"
     supports_grad = True
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
-    memory_complexity = "O(Dk Dv) (state on chip; backward stores no states)"
+    memory_complexity = "O(Dk Dv)"  # the state stays on chip; the backward stores no per-chunk states
     options = {"chunk_size": 64, "precision": "tf32x3"}
 
     def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
@@ -83,7 +83,7 @@ class TritonChunked(TritonMethod):
 
 class TritonRecurrent(TritonMethod):
     name = "triton_recurrent"
-    algorithm = "causal dot product: one state update per token, the state block on chip (Triton)"
+    algorithm = "causal dot product in a Triton kernel: one state update per token"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(Dk Dv)"
 
@@ -102,7 +102,7 @@ class TritonRecurrent(TritonMethod):
 
 class TritonFleet(TritonMethod):
     name = "triton_fleet"
-    algorithm = "FleetAttention: Dk rank-one discounted scans, blockwise and exact (Triton, forward only)"
+    algorithm = "FleetAttention in a Triton kernel: Dk rank-one discounted scans"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(N Dv)"
     time_exponent = 1.0
