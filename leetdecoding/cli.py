@@ -145,6 +145,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 # ----- bench -----
 
 
+def _runnable(registry: dict, device: str) -> list[str]:
+    """The default sweep: every method that can run on this device here (`info` says why the others cannot)."""
+    kind = torch.device(device).type
+    return [n for n, m in registry.items() if m.unavailable_reason() is None and kind in m.devices]
+
+
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     import leetdecoding as ld
 
@@ -163,7 +169,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         device=_device(args.device),
         dtype=DTYPES[args.dtype],
-        methods=args.methods or list(REGISTRY),
+        methods=args.methods or _runnable(REGISTRY, _device(args.device)),
         lengths=sorted(set(args.n)),
         batches=sorted(set(args.batch)),
         heads=args.heads,
@@ -268,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time and memory sweep over N and batch (exit 1 if a result is wrong)")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     b.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    b.add_argument("--methods", type=_name_list, help="comma list (default: every method)")
+    b.add_argument("--methods", type=_name_list, help="comma list (default: every method that can run here)")
     b.add_argument("--n", type=_int_list, default=[256, 1024, 4096, 16384], help="comma list of lengths")
     b.add_argument("--batch", type=_int_list, default=[1], help="comma list of batch sizes")
     b.add_argument("--heads", type=_positive(int), default=8)
