@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
-from .base import Method, causal_decay_matrix, decay_factor, decay_powers, elem_bytes, output_buffer
+from .base import Method, causal_decay_matrix, decay_factor, decay_powers, elem_bytes, log_decay_grad, output_buffer
 
 
 def segment_length(x: AttentionInputs, chunk_size: int, segment_bytes: int) -> int:
@@ -131,11 +131,7 @@ def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state, chun
         dq[:, :, start:stop] = gq.flatten(2, 3)
         dk[:, :, start:stop] = gk.flatten(2, 3)
         dv[:, :, start:stop] = gv.flatten(2, 3)
-    steps = torch.arange(1, N + 1, device=q.device, dtype=cd)
-    d_log_decay = (weighted * steps).sum((0, 2))
-    if d_final is not None:
-        d_log_decay = d_log_decay + N * (d_final.to(cd) * final_state).sum((0, 2, 3))
-    return dq, dk, dv, d_log_decay, grad
+    return dq, dk, dv, log_decay_grad(weighted, d_final, final_state), grad
 
 
 class ChunkedFunction(torch.autograd.Function):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
-from .base import Method, elem_bytes, output_buffer
+from .base import Method, elem_bytes, log_decay_grad, output_buffer
 
 
 def step(state, q_t, k_t, v_t, lam, out=None):
@@ -71,12 +71,8 @@ def recurrent_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state):
             dk[:, :, t] = (grad @ v_t.unsqueeze(-1)).squeeze(-1)
             dv[:, :, t] = (k_t.unsqueeze(-2) @ grad).squeeze(-2)
             grad = grad * lam
-    steps = torch.arange(1, N + 1, device=q.device, dtype=cd)
     weighted = (q.to(cd) * dq.to(cd)).sum(-1) - (k.to(cd) * dk.to(cd)).sum(-1)
-    d_log_decay = (weighted * steps).sum((0, 2))
-    if d_final is not None:
-        d_log_decay = d_log_decay + N * (d_final.to(cd) * final_state).sum((0, 2, 3))
-    return dq, dk, dv, d_log_decay, grad
+    return dq, dk, dv, log_decay_grad(weighted, d_final, final_state), grad
 
 
 class RecurrentFunction(torch.autograd.Function):
