@@ -115,3 +115,19 @@ def test_long_sequence_any_decay(name):
     o, state = ld.attention(q, k, v, decay, method=name, output_final_state=True)
     assert_close(f"{name} N=65536", o, ref.o, ref.o_abs, torch.float32)
     assert_close(f"{name} N=65536 state", state, ref.state, ref.state_abs, torch.float32)
+
+
+def test_decay_factors_exact_after_a_large_matmul():
+    """On this project's CPU machine, torch's multi-threaded fp32 exp sometimes returned values off by 1.5e-4 in
+    one worker thread after a large matmul; the decay factors are formed in fp64 and must stay exact."""
+    from leetdecoding.methods.base import causal_decay_matrix
+
+    a = torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ a
+    log_decay = ld.decay.minimax(8, 0, 12)
+    for _ in range(5):
+        got = causal_decay_matrix(log_decay, 128).double()
+        exact = causal_decay_matrix(log_decay.double(), 128)
+        # the fp32 exponent's own rounding allows a few 1e-6; the failure seen was 1.5e-4; below eps^2 is 0
+        assert ((got - exact).abs() <= 1e-5 * exact + 2e-14).all()

@@ -115,9 +115,13 @@ def decay_factor(log_factor: torch.Tensor) -> torch.Tensor:
 
     Such a factor changes no result at the dtype's precision, but left as it is, it makes products that fall
     into the subnormal range, which CPUs compute many times slower (a fast-decaying head at long chunks).
+    fp32 exponents are exponentiated in fp64: the factors are small tables, and torch's multi-threaded fp32 exp
+    was measured on this project's CPU machine to return values off by 1.5e-4 now and then (one worker thread,
+    after a large matmul), where fp64 stayed exact.
     """
-    f = torch.exp(log_factor)
-    return torch.where(f < torch.finfo(f.dtype).eps ** 2, torch.zeros_like(f), f)
+    f = torch.exp(log_factor.double() if log_factor.dtype == torch.float32 else log_factor)
+    f = torch.where(f < torch.finfo(log_factor.dtype).eps ** 2, torch.zeros_like(f), f)
+    return f.to(log_factor.dtype)
 
 
 def decay_powers(log_decay: torch.Tensor, exponents: torch.Tensor, ndim: int = 4) -> torch.Tensor:
