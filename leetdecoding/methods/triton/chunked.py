@@ -46,6 +46,35 @@ from .common import (
 _NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh"]
 
 
+@triton.jit
+def _head_decays(LOG_DECAY, DECAY, H, BT: tl.constexpr, ACC: tl.constexpr):
+    """This program's batch * head index (first grid axis), batch and head (64-bit), and its decays: g = log lambda,
+    lambda^BT = c_hi + c_lo (accurate: it compounds over chunks), b_d[i, j] = lambda^(i-j) for j <= i else 0,
+    b_dq[i] = lambda^(i+1). Exp of non-positive numbers only."""
+    i_bh = tl.program_id(0)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    g = tl.load(LOG_DECAY + i_h).to(ACC)
+    c_hi = tl.load(DECAY + 2 * i_h)
+    c_lo = tl.load(DECAY + 2 * i_h + 1)
+    o_t = tl.arange(0, BT)
+    m_ij = o_t[:, None] >= o_t[None, :]
+    b_d = tl.where(m_ij, tl.exp(g * tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)), 0)
+    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+    return i_bh.to(tl.int64), i_b, i_h, g, c_hi, c_lo, b_d, b_dq
+
+
+@triton.jit
+def _chunk_end_decays(g, c_hi, c_lo, n_c, BT: tl.constexpr, ACC: tl.constexpr):
+    """For a chunk of n_c tokens: lambda^(n_c-1-j) per row j (rows past n_c hold zeros anyway) and lambda^n_c as
+    f_hi + f_lo (the host's accurate pair for a full chunk)."""
+    o_t = tl.arange(0, BT)
+    b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
+    f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))
+    f_lo = tl.where(n_c == BT, c_lo, 0)
+    return b_kd, f_hi, f_lo
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def chunked_fwd_kernel(
     Q, K, V, O, S0, SN, LOG_DECAY, DECAY,
@@ -60,13 +89,8 @@ def chunked_fwd_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
-    i_bh = tl.program_id(0)  # batch * head on the first grid axis (up to 2^31 - 1 programs)
+    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_v = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    g = tl.load(LOG_DECAY + i_h).to(ACC)
-    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
-    c_lo = tl.load(DECAY + 2 * i_h + 1)
 
     o_t = tl.arange(0, BT)
     o_t64 = o_t.to(tl.int64)
@@ -74,10 +98,6 @@ def chunked_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < DK
     m_v = o_v < DV
-    # b_d[i, j] = lambda^(i-j) for j <= i, else 0; b_dq[i] = lambda^(i+1): exp of non-positive numbers only
-    m_ij = o_t[:, None] >= o_t[None, :]
-    b_d = tl.where(m_ij, tl.exp(g * tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)), 0)
-    b_dq = tl.exp(g * (o_t + 1).to(ACC))
 
     p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd  # (1, BK); rows added per chunk
     p_k0 = K + i_b * skb + i_h * skh + o_k[:, None] * skd  # (BK, 1): k loaded transposed
@@ -97,7 +117,7 @@ def chunked_fwd_kernel(
         b_k = tl.load(p_k0 + r_t[None, :] * skn, mask=m_k[:, None] & m_t[None, :], other=0)  # (BK, BT)
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
         n_c = tl.minimum(N - i_c * BT, BT)  # tokens in this chunk
-        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))  # lambda^(L-1-j); rows past L are zero
+        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_a = tl.dot(b_q, b_k)
         else:
@@ -116,8 +136,6 @@ def chunked_fwd_kernel(
         if ROUND_BF16:
             b_o = round_to_bf16(b_o)
         tl.store(p_o0 + r_t[:, None] * son, b_o.to(O.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
-        f_lo = tl.where(n_c == BT, c_lo, 0)
         b_s = b_s * f_hi + b_s * f_lo + b_upd
 
     if STORE_FINAL_STATE:
@@ -143,13 +161,8 @@ def chunked_bwd_dq_kernel(
     ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dq for one Dk block (all of Dv), walking forwards with S^T (Dv x BK); also sum_t (t+1) q_t . dq_t."""
-    i_bh = tl.program_id(0)
+    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_k = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    g = tl.load(LOG_DECAY + i_h).to(ACC)
-    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
-    c_lo = tl.load(DECAY + 2 * i_h + 1)
 
     o_t = tl.arange(0, BT)
     o_t64 = o_t.to(tl.int64)
@@ -157,9 +170,6 @@ def chunked_bwd_dq_kernel(
     o_v = tl.arange(0, BV)
     m_k = o_k < DK
     m_v = o_v < DV
-    m_ij = o_t[:, None] >= o_t[None, :]
-    b_d = tl.where(m_ij, tl.exp(g * tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)), 0)
-    b_dq = tl.exp(g * (o_t + 1).to(ACC))
 
     p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd
     p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
@@ -182,7 +192,7 @@ def chunked_bwd_dq_kernel(
         b_vt = tl.load(p_v0 + r_t[None, :] * svn, mask=m_v[:, None] & m_t[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_t[:, None] & m_v[None, :], other=0)
         n_c = tl.minimum(N - i_c * BT, BT)
-        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
+        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_da = tl.dot(b_do, b_vt)
         else:
@@ -202,8 +212,6 @@ def chunked_bwd_dq_kernel(
             b_out = round_to_bf16(b_out)
         tl.store(p_dq0 + r_t[:, None] * DK, b_out.to(DQ.dtype.element_ty), mask=m_tk)
         b_dg += (r_t + 1).to(ACC) * tl.reduce(b_q.to(ACC) * b_dqv, 1, SUM)
-        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
-        f_lo = tl.where(n_c == BT, c_lo, 0)
         b_st = b_st * f_hi + b_st * f_lo + b_upd
 
     tl.store(DGQ + i_bh.to(tl.int64) * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, SUM))
@@ -225,13 +233,8 @@ def chunked_bwd_dk_kernel(
 ):  # fmt: skip
     """dk for one Dk block (all of Dv), walking backwards with dH^T (Dv x BK); also dS_0 and
     sum_t (t+1) k_t . dk_t."""
-    i_bh = tl.program_id(0)
+    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_k = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    g = tl.load(LOG_DECAY + i_h).to(ACC)
-    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
-    c_lo = tl.load(DECAY + 2 * i_h + 1)
 
     o_t = tl.arange(0, BT)
     o_t64 = o_t.to(tl.int64)
@@ -239,10 +242,7 @@ def chunked_bwd_dk_kernel(
     o_v = tl.arange(0, BV)
     m_k = o_k < DK
     m_v = o_v < DV
-    # transposed decay matrix: b_dt[j, i] = lambda^(i-j) for i >= j
-    m_ji = o_t[None, :] >= o_t[:, None]
-    b_dt = tl.where(m_ji, tl.exp(g * tl.where(m_ji, o_t[None, :] - o_t[:, None], 0).to(ACC)), 0)
-    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+    b_dt = tl.trans(b_d)  # b_dt[j, i] = lambda^(i-j) for i >= j
 
     p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd
     p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
@@ -268,7 +268,7 @@ def chunked_bwd_dk_kernel(
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
         b_dot = tl.load(p_do0 + r_t[None, :] * sdn, mask=m_v[:, None] & m_t[None, :], other=0)
         n_c = tl.minimum(N - i_c * BT, BT)
-        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
+        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_dat = tl.dot(b_v, b_dot)
         else:
@@ -287,8 +287,6 @@ def chunked_bwd_dk_kernel(
             b_out = round_to_bf16(b_out)
         tl.store(p_dk0 + r_t[:, None] * DK, b_out.to(DK_OUT.dtype.element_ty), mask=m_tk)
         b_dg += (r_t + 1).to(ACC) * tl.reduce(b_k.to(ACC) * b_dkv, 1, SUM)
-        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
-        f_lo = tl.where(n_c == BT, c_lo, 0)
         b_dht = b_dht * f_hi + b_dht * f_lo + b_upd * scale
 
     if STORE_INITIAL_GRAD:
@@ -311,13 +309,8 @@ def chunked_bwd_dv_kernel(
     ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dv for one Dv block (all of Dk), walking backwards with dH (Dk x BV)."""
-    i_bh = tl.program_id(0)  # batch * head on the first grid axis (up to 2^31 - 1 programs)
+    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_v = tl.program_id(1)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    g = tl.load(LOG_DECAY + i_h).to(ACC)
-    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over chunks
-    c_lo = tl.load(DECAY + 2 * i_h + 1)
 
     o_t = tl.arange(0, BT)
     o_t64 = o_t.to(tl.int64)
@@ -325,9 +318,7 @@ def chunked_bwd_dv_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < DK
     m_v = o_v < DV
-    m_ji = o_t[None, :] >= o_t[:, None]
-    b_dt = tl.where(m_ji, tl.exp(g * tl.where(m_ji, o_t[None, :] - o_t[:, None], 0).to(ACC)), 0)
-    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+    b_dt = tl.trans(b_d)  # b_dt[j, i] = lambda^(i-j) for i >= j
 
     p_q0 = Q + i_b * sqb + i_h * sqh + o_k[:, None] * sqd  # q loaded transposed (BK, BT)
     p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
@@ -349,7 +340,7 @@ def chunked_bwd_dv_kernel(
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_t[:, None] & m_k[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_tv, other=0)
         n_c = tl.minimum(N - i_c * BT, BT)
-        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
+        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_at = tl.dot(b_k, b_qt)
         else:
@@ -367,8 +358,6 @@ def chunked_bwd_dv_kernel(
         if ROUND_BF16:
             b_dvv = round_to_bf16(b_dvv)
         tl.store(p_dv0 + r_t[:, None] * DV, b_dvv.to(DV_OUT.dtype.element_ty), mask=m_tv)
-        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))  # lambda^L
-        f_lo = tl.where(n_c == BT, c_lo, 0)
         b_dh = b_dh * f_hi + b_dh * f_lo + b_upd * scale
 
 
