@@ -1,53 +1,17 @@
-"""The fp64 reference: the recurrence itself, token by token, written as plainly as possible.
+"""The fp64 references the tests compare against.
 
-Besides the output it returns the same computation on absolute values, |q| |S| with |S| built from |k| |v|
-and |S_init|: the magnitude of the terms each output element sums, against which rounding error is measured.
+The recurrence itself, token by token (`reference`, shared with `leetdecoding check`), which also returns the
+same sums on absolute values: the magnitude of the terms each element sums, against which rounding error is
+measured. And the closed form, differentiable in every input, for gradients (`reference_closed_form`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from leetdecoding.bench.reference import TOLERANCE, reference
 
-@dataclass
-class Ref:
-    o: torch.Tensor
-    o_abs: torch.Tensor
-    state: torch.Tensor
-    state_abs: torch.Tensor
-
-
-def reference(q, k, v, decay, initial_state=None) -> Ref:
-    """q, k (B, H, N, Dk), v (B, H, N, Dv), decay (H,) or a float, lambda in (0, 1]."""
-    q, k, v = (t.detach().to(torch.float64) for t in (q, k, v))
-    B, H, N, Dk = q.shape
-    Dv = v.shape[-1]
-    lam = torch.as_tensor(decay, dtype=torch.float64).expand(H).reshape(1, H, 1, 1)
-    if initial_state is None:
-        s = torch.zeros(B, H, Dk, Dv, dtype=torch.float64)
-        s_abs = s.clone()
-    else:
-        s = initial_state.detach().to(torch.float64)
-        s_abs = s.abs()
-    o = torch.empty(B, H, N, Dv, dtype=torch.float64)
-    o_abs = torch.empty_like(o)
-    for t in range(N):
-        s = lam * s + k[:, :, t, :, None] * v[:, :, t, None, :]
-        s_abs = lam * s_abs + (k[:, :, t, :, None] * v[:, :, t, None, :]).abs()
-        o[:, :, t] = torch.einsum("bhd,bhde->bhe", q[:, :, t], s)
-        o_abs[:, :, t] = torch.einsum("bhd,bhde->bhe", q[:, :, t].abs(), s_abs)
-    return Ref(o, o_abs, s, s_abs)
-
-
-# Error allowed per element, as a fraction of the magnitude of the terms it sums (o_abs), per input dtype.
-TOLERANCE = {
-    torch.float64: 1e-13,
-    torch.float32: 2e-6,
-    torch.float16: 1e-3,  # about 2 ulp of the fp16 output rounding
-    torch.bfloat16: 4e-3,  # about 2 ulp of the bf16 output rounding
-}
+__all__ = ["TOLERANCE", "reference", "assert_close", "reference_closed_form"]
 
 
 def assert_close(name, got, ref, ref_abs, dtype, scale=1.0):

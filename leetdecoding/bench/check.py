@@ -11,15 +11,8 @@ import leetdecoding as ld
 
 from ..inputs import compute_dtype_for, validate
 from ..methods import REGISTRY, Method
-from .reference import Reference, reference, relative_error
+from .reference import TOLERANCE, Reference, reference, relative_error
 
-# Error allowed per element, as a fraction of the magnitude of the terms it sums, per input dtype.
-TOLERANCE = {
-    torch.float64: 1e-13,
-    torch.float32: 2e-6,
-    torch.float16: 1e-3,
-    torch.bfloat16: 4e-3,
-}
 # One head per decay of interest: none, a long memory, a short one, almost none.
 DECAYS = (1.0, 1.0 - 2.0**-12, 0.5, 1e-6)
 LENGTHS = (1, 65, 300)

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+# Error allowed per element, as a fraction of the magnitude of the terms it sums (o_abs), per input dtype.
+TOLERANCE = {
+    torch.float64: 1e-13,
+    torch.float32: 2e-6,
+    torch.float16: 1e-3,  # about 2 ulp of the fp16 output rounding
+    torch.bfloat16: 4e-3,  # about 2 ulp of the bf16 output rounding
+}
+
 
 @dataclass
 class Reference:
@@ -42,10 +50,10 @@ def reference(
     initial_state: torch.Tensor | None = None,
     scale: float = 1.0,
 ) -> Reference:
-    """q, k (B, H, N, Dk), v (B, H, N, Dv), decay lambda (H,); computed in fp64 on the CPU."""
+    """q, k (B, H, N, Dk), v (B, H, N, Dv), decay lambda (H,) or a float; computed in fp64 on the CPU."""
     q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
     B, H, N, Dk = q.shape
-    lam = decay.detach().to("cpu", torch.float64).reshape(1, H, 1, 1)
+    lam = torch.as_tensor(decay).detach().to("cpu", torch.float64).expand(H).reshape(1, H, 1, 1)
     if initial_state is None:
         s = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float64)
     else:
