@@ -129,10 +129,15 @@ def _torch_priority(x: AttentionInputs) -> tuple[list[str], str]:
     )
 
 
-def reasons_for(method: Method, x: AttentionInputs, options: dict, memory: dict) -> tuple[list[str], int]:
+def reasons_for(
+    method: Method, x: AttentionInputs, options: dict, memory: dict, check_from: int | None = None
+) -> tuple[list[str], int]:
+    """The method's own refusals plus the memory guard, and its planned bytes. The guard runs for plans of
+    `check_from` bytes or more (MEMORY_CHECK_MIN_BYTES by default; the benchmark checks every size).
+    `memory` caches the device's free memory across the methods of one decision."""
     reasons = list(method.not_supported_reasons(x))
     need = estimate_bytes(method, x, options)
-    if need >= MEMORY_CHECK_MIN_BYTES:
+    if need >= (MEMORY_CHECK_MIN_BYTES if check_from is None else check_from):
         if "free" not in memory:
             memory["free"] = available_memory(x.device)
         limit = MEMORY_HEADROOM * memory["free"]

@@ -123,16 +123,8 @@ def auto_pick(x: AttentionInputs) -> str:
 
 
 def skip_reasons(method: Method, x: AttentionInputs, options: dict) -> list[str]:
-    """The method's own refusals, plus the memory guard (checked at every size, with the estimate)."""
-    reasons = list(method.not_supported_reasons(x))
-    need = dispatch.estimate_bytes(method, x, options)
-    free = dispatch.available_memory(x.device)
-    if need > dispatch.MEMORY_HEADROOM * free:
-        reasons.append(
-            f"needs about {dispatch.format_bytes(need)} > {dispatch.MEMORY_HEADROOM:.0%} of "
-            f"{dispatch.format_bytes(free)} available"
-        )
-    return reasons
+    """The dispatcher's refusals for this method, its memory guard applied at every size."""
+    return dispatch.reasons_for(method, x, options, {}, check_from=0)[0]
 
 
 def predicted_seconds(method: Method, n: int, previous: tuple[int, float] | None, calls: int) -> float | None:
