@@ -131,3 +131,16 @@ def test_decay_factors_exact_after_a_large_matmul():
         exact = causal_decay_matrix(log_decay.double(), 128)
         # the fp32 exponent's own rounding allows a few 1e-6; the failure seen was 1.5e-4; below eps^2 is 0
         assert ((got - exact).abs() <= 1e-5 * exact + 2e-14).all()
+
+
+def test_decay_edited_in_place_between_calls():
+    """Validated decays and the chunk tables built from them are reused across calls; an in-place edit of the
+    caller's decay tensor must still take effect."""
+    q, k, v = (torch.randn(1, 2, 300, 8, dtype=torch.float64) for _ in range(3))
+    lam = torch.tensor([0.9, 0.5], dtype=torch.float64)
+    first = ld.attention(q, k, v, lam, method="chunked")
+    lam[1] = 0.99
+    second = ld.attention(q, k, v, lam, method="chunked")
+    ref = reference(q, k, v, lam)
+    assert not torch.equal(first, second)
+    assert_close("after the edit", second, ref.o, ref.o_abs, torch.float64)

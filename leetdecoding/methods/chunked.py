@@ -24,29 +24,47 @@ the last from treating G_t = (t+1) log lambda as free per-token variables: exact
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from ..inputs import AttentionInputs
+from ..inputs import AttentionInputs, compute_dtype_for
+from ..memo import TensorMemo
 from .base import Method, causal_decay_matrix, decay_factor, decay_powers, elem_bytes, log_decay_grad, output_buffer
 
 
-def segment_length(x: AttentionInputs, chunk_size: int, segment_bytes: int) -> int:
+def segment_length(q: torch.Tensor, dv: int, chunk_size: int, segment_bytes: int) -> int:
     """Tokens per segment: a multiple of the chunk size whose working set fits in `segment_bytes`."""
-    per_head = 2 * chunk_size + 2 * x.dk + 2 * x.dv + 2 * x.dk * x.dv / chunk_size
-    per_token = elem_bytes(x) * x.batch * x.heads * per_head
+    batch, heads, _, dk = q.shape
+    per_head = 2 * chunk_size + 2 * dk + 2 * dv + 2 * dk * dv / chunk_size
+    per_token = torch.finfo(compute_dtype_for(q.dtype)).bits // 8 * batch * heads * per_head
     chunks = max(1, int(segment_bytes // max(per_token * chunk_size, 1)))
     return chunk_size * chunks
 
 
-class Decays:
+class Decays(NamedTuple):
     """Decay factors of a chunk of c tokens, every one exp(non-positive), shaped to broadcast over chunks."""
 
-    def __init__(self, log_decay: torch.Tensor, c: int):
+    mask: torch.Tensor  # (1, H, 1, c, c): lambda^(t-s) for s <= t
+    q: torch.Tensor  # (1, H, 1, c, 1): lambda^(t+1)
+    k: torch.Tensor  # (1, H, 1, c, 1): lambda^(c-1-s)
+    chunk: torch.Tensor  # (1, H, 1, 1): lambda^c
+
+
+_DECAYS = TensorMemo()  # every call with the same (validated, cached) decay and chunk size reuses its tables
+
+
+def decays(log_decay: torch.Tensor, c: int) -> Decays:
+    def build() -> Decays:
         idx = torch.arange(c, device=log_decay.device, dtype=log_decay.dtype)
-        self.mask = causal_decay_matrix(log_decay, c).unsqueeze(2)  # (1, H, 1, c, c): lambda^(t-s), s <= t
-        self.q = decay_powers(log_decay, idx + 1).unsqueeze(2)  # (1, H, 1, c, 1): lambda^(t+1)
-        self.k = decay_powers(log_decay, c - 1 - idx).unsqueeze(2)  # (1, H, 1, c, 1): lambda^(c-1-s)
-        self.chunk = decay_factor(log_decay * c).view(1, -1, 1, 1)  # (1, H, 1, 1): lambda^c
+        return Decays(
+            causal_decay_matrix(log_decay, c).unsqueeze(2),
+            decay_powers(log_decay, idx + 1).unsqueeze(2),
+            decay_powers(log_decay, c - 1 - idx).unsqueeze(2),
+            decay_factor(log_decay * c).view(1, -1, 1, 1),
+        )
+
+    return _DECAYS.get(log_decay, (c,), build)
 
 
 def pieces(n: int, c: int, seg: int):
@@ -66,14 +84,13 @@ def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_by
     Dv = v.shape[-1]
     cd = log_decay.dtype
     C = max(1, min(chunk_size, N))
-    d = Decays(log_decay, C)
-    x_like = _Shape(q, v, cd)
+    d = decays(log_decay, C)
     state = initial_state if initial_state is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
     o = output_buffer(q, Dv)
     saved = []
-    for start, stop, chunks in pieces(N, C, segment_length(x_like, C, segment_bytes)):
+    for start, stop, chunks in pieces(N, C, segment_length(q, Dv, C, segment_bytes)):
         r = C if chunks else stop - start  # tokens per chunk in this piece
-        dd = d if chunks else Decays(log_decay, r)
+        dd = d if chunks else decays(log_decay, r)
         g = max(chunks, 1)
         qc, kc, vc = (t[:, :, start:stop].to(cd).unflatten(2, (g, r)) for t in (q, k, v))
         out = ((qc @ kc.transpose(-1, -2)) * dd.mask) @ vc
@@ -104,14 +121,14 @@ def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state, chun
     Dv = v.shape[-1]
     cd = log_decay.dtype
     C = max(1, min(chunk_size, N))
-    d = Decays(log_decay, C)
+    d = decays(log_decay, C)
     grad = d_final.to(cd) if d_final is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     weighted = torch.zeros(B, H, N, dtype=cd, device=q.device)  # q . dq - k . dk per token
-    plan = pieces(N, C, segment_length(_Shape(q, v, cd), C, segment_bytes))
+    plan = pieces(N, C, segment_length(q, Dv, C, segment_bytes))
     for (start, stop, chunks), piece_start in zip(reversed(plan), reversed(saved)):
         r = C if chunks else stop - start
-        dd = d if chunks else Decays(log_decay, r)
+        dd = d if chunks else decays(log_decay, r)
         g = max(chunks, 1)
         qc, kc, vc = (t[:, :, start:stop].to(cd).unflatten(2, (g, r)) for t in (q, k, v))
         starts = chunk_starts(piece_start, (kc * dd.k).transpose(-1, -2) @ vc, dd.chunk)[0]  # recomputed
@@ -152,15 +169,6 @@ class ChunkedFunction(torch.autograd.Function):
         return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None
 
 
-class _Shape:
-    """The sizes segment_length needs, for host functions that have tensors rather than an inputs record."""
-
-    def __init__(self, q, v, cd):
-        self.batch, self.heads, self.seq_len, self.dk = q.shape
-        self.dv = v.shape[-1]
-        self.compute_dtype = cd
-
-
 class Chunked(Method):
     name = "chunked"
     algorithm = "block-based / Lightning Attention-2: exact intra-chunk block + carried state"
@@ -174,7 +182,7 @@ class Chunked(Method):
 
     def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **o) -> int:
         c = max(1, min(chunk_size, x.seq_len))
-        seg = min(segment_length(x, c, segment_bytes), -(-x.seq_len // c) * c)
+        seg = min(segment_length(x.q, x.dv, c, segment_bytes), -(-x.seq_len // c) * c)
         # per token of a segment: scores and their masked copy (2C), decayed q and k, intra and inter outputs,
         # compute-dtype copies of q, k, v; per chunk: its state contribution and its start state
         per_token = 2 * c + 2 * x.dk + 2 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
