@@ -6,10 +6,8 @@ import torch
 
 from . import dispatch, segments
 from .inputs import AttentionInputs, validate, validate_decode
-from .memo import TensorMemo
 from .methods import REGISTRY
-from .methods.base import decay_factor
-from .methods.recurrent import step
+from .methods.recurrent import step, step_decay
 
 
 def _empty_sequence(x: AttentionInputs):
@@ -68,9 +66,6 @@ def attention(
     return results if len(results) > 1 else o
 
 
-_FACTORS = TensorMemo()  # lambda (1, H, 1, 1) of each validated log decay
-
-
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,7 +93,7 @@ def decode_step(
 
         if not triton_methods.decode_step_reasons(q, k, v, state):
             return triton_methods.decode_step(q, k, v, state, d.log_decay, d.scale, out_state)
-    lam = _FACTORS.get(d.log_decay, (), lambda: decay_factor(d.log_decay).view(1, -1, 1, 1))
+    lam = step_decay(d.log_decay)
     dtype = q.dtype
     if dtype != cd:
         q, k, v = q.to(cd), k.to(cd), v.to(cd)

@@ -9,6 +9,7 @@ import leetdecoding as ld
 from leetdecoding import dispatch
 from leetdecoding.methods import REGISTRY
 
+from .reference import assert_close, reference
 from .runnable import RUNNABLE_ON_CPU
 
 
@@ -45,8 +46,8 @@ def test_auto_skips_a_method_that_does_not_fit(monkeypatch):
     e = ld.explain(q, k, v)
     assert e.method == "chunked"
     assert "needs about" in e.refusals["vanilla"][0]
-    o = ld.attention(q, k, v)
-    assert torch.allclose(o, ld.attention(q, k, v, method="recurrent"), rtol=1e-4, atol=1e-4)
+    ref = reference(q, k, v, 1.0)
+    assert_close("auto after the refusal", ld.attention(q, k, v), ref.o, ref.o_abs, torch.float32)
 
 
 def test_nothing_fits_lists_every_method(monkeypatch):

@@ -31,8 +31,9 @@ from torch import nn
 from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention, apply_mask_to_padding_states
 
 import leetdecoding as ld
-from leetdecoding.methods.base import decay_factor
-from leetdecoding.methods.recurrent import step
+from leetdecoding.decay import canonical_log_decay
+from leetdecoding.memo import TensorMemo
+from leetdecoding.methods.recurrent import step, step_decay
 
 from .hf_minimax_cache import LeetMiniMaxCache
 
@@ -42,6 +43,9 @@ _ATTR = "_leetdecoding_patch"
 _EXPLAIN_MEMO_SIZE = 64  # distinct call shapes whose method name is remembered per layer
 
 
+_NEG_SLOPES = TensorMemo()
+
+
 @dataclass
 class _Patch:
     """What `patch` keeps on a layer: the forward to restore, the chosen method, the decay, the calls made."""
@@ -49,29 +53,14 @@ class _Patch:
     method: str
     original: object  # the instance attribute `forward` before patching, or None when there was none
     calls: dict[str, dict[str, int]] = field(default_factory=dict)
-    _slope: torch.Tensor | None = None
-    _slope_version: int = -1
-    _log_decay: torch.Tensor | None = None
     _methods: dict = field(default_factory=dict)
-    _factors_of: torch.Tensor | None = None
-    _factors: torch.Tensor | None = None
 
-    def log_decay(self, module) -> torch.Tensor:
-        """-slope_rate as (H,): rebuilt only when the buffer is replaced or changed in place, so that the same
-        tensor reaches leetdecoding each call and its validation is cached there."""
+    @staticmethod
+    def log_decay(module) -> torch.Tensor:
+        """-slope_rate as (H,): the same tensor every call while the buffer is unchanged, so that its validation,
+        decay factors and chunk tables are remembered inside leetdecoding."""
         slope = module.slope_rate
-        if slope is not self._slope or slope._version != self._slope_version:
-            self._slope, self._slope_version = slope, slope._version
-            self._log_decay = -slope.detach().reshape(-1)
-        return self._log_decay
-
-    def factors(self, module) -> torch.Tensor:
-        """lambda = exp(-slope_rate) as (1, H, 1, 1) in fp32, for the decode step; follows log_decay's cache."""
-        log_decay = self.log_decay(module)
-        if log_decay is not self._factors_of:
-            self._factors_of = log_decay
-            self._factors = decay_factor(log_decay.to(torch.float32)).view(1, -1, 1, 1)
-        return self._factors
+        return _NEG_SLOPES.get(slope, (), lambda: -slope.detach().reshape(-1))
 
     def count(self, path: str, method: str) -> None:
         per_path = self.calls.setdefault(path, {})
@@ -121,7 +110,8 @@ def _attend(self, rec: _Patch, qkv: torch.Tensor, state):
         cd = state.dtype
         q, k, v = (t.to(cd) for t in qkv[:, 0].unbind(2))  # (B, H, D)
         in_place = not (torch.is_grad_enabled() and (qkv.requires_grad or state.requires_grad))
-        o, state = step(state, q, k, v, rec.factors(self).to(cd), state if in_place else None)
+        log_decay = canonical_log_decay(None, log_decay, h, state.device, cd)  # validated once, then remembered
+        o, state = step(state, q, k, v, step_decay(log_decay), state if in_place else None)
         return o.to(qkv.dtype).reshape(b, 1, h * d), state
     q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # (B, H, N, D) views
     path = "prefill" if state is None else "continue"

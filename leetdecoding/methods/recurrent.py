@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
-from .base import Method, elem_bytes, log_decay_grad, output_buffer
+from ..memo import TensorMemo
+from .base import Method, decay_factor, elem_bytes, log_decay_grad, output_buffer
+
+_FACTORS = TensorMemo()
+
+
+def step_decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """lambda shaped (1, H, 1, 1) for `step`, remembered per (validated, cached) log decay: decoding asks for it
+    every token."""
+    return _FACTORS.get(log_decay, (), lambda: decay_factor(log_decay).view(1, -1, 1, 1))
 
 
 def step(state, q_t, k_t, v_t, lam, out=None):
@@ -34,7 +43,7 @@ def recurrent_fwd(q, k, v, log_decay, scale, initial_state, save):
     """o (input dtype), the final state, and (if save) the state before every CHECKPOINT_EVERY-th token."""
     B, H, N, Dk = q.shape
     cd = log_decay.dtype
-    lam = torch.exp(log_decay).view(1, -1, 1, 1)
+    lam = step_decay(log_decay)
     if initial_state is None:
         initial_state = torch.zeros(B, H, Dk, v.shape[-1], dtype=cd, device=q.device)
     state = initial_state
@@ -55,7 +64,7 @@ def recurrent_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state):
     CHECKPOINT_EVERY tokens are recomputed from its saved start."""
     B, H, N, Dk = q.shape
     cd = log_decay.dtype
-    lam = torch.exp(log_decay).view(1, -1, 1, 1)
+    lam = step_decay(log_decay)
     grad = d_final.to(cd) if d_final is not None else torch.zeros(B, H, Dk, v.shape[-1], dtype=cd, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for i in reversed(range(len(saved))):
