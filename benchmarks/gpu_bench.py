@@ -27,7 +27,7 @@ import torch
 import leetdecoding as ld
 from leetdecoding.methods import REGISTRY
 
-# Relative error bounds (max |err| / max |ref|): exact rows (triton_chunked's default tf32x3, the torch methods)
+# Relative error bounds (max |err| / max |ref|): exact rows (triton_chunked's default "accurate", the torch methods)
 # against rows that round products to TF32 / bf16 on purpose (our "fast", fla, transformers' loop on a GPU).
 BOUND = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 BOUND_ROUNDED = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
@@ -273,6 +273,31 @@ def decode_case(table, b, heads, dim, dtype, fla_recurrent) -> list[dict]:
     return rows
 
 
+def varlen(heads, dim, dtype, sequences: int = 64, longest: int = 2048) -> None:
+    """Packed sequences in one triton_chunked call (one launch) against a loop of one call per sequence."""
+    table = Table(
+        f"varlen: {sequences} packed sequences of 1..{longest} tokens, H={heads} D={dim}, {dtype}",
+        [("method", 34), ("ms", 9), ("rel.err", 8), ("status", 6)],
+    )
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, longest + 1, (sequences,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).cuda()
+    bounds = list(zip(cu.tolist(), cu.tolist()[1:]))
+    log_decay = ld.decay.minimax(heads, 0, 12).cuda()
+    q, k, v = (torch.randn(1, heads, int(cu[-1]), dim, device="cuda", dtype=dtype) for _ in range(3))
+    ref = torch.cat([ld.attention(q[:, :, a:b].double(), k[:, :, a:b].double(), v[:, :, a:b].double(),
+                                  log_decay=log_decay.double(), method="chunked") for a, b in bounds], 2)  # fmt: skip
+    cases = {
+        "triton_chunked, cu_seqlens": lambda: ld.attention(q, k, v, log_decay=log_decay, cu_seqlens=cu),
+        "triton_chunked, one call per sequence": lambda: torch.cat(
+            [ld.attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], log_decay=log_decay) for a, b in bounds], 2
+        ),
+    }
+    for name, fn in cases.items():
+        err = rel_error(fn(), ref)
+        table.row(name, cuda_time(fn)[0], err, "ok" if err <= bound(dtype, name) else "WRONG")
+
+
 def summary(prefill_rows, decode_rows) -> None:
     print("\n## summary (speed-up = other / triton; only where both rows are correct)")
     index = {(r["dtype"], r["n"], r["method"], r["pass"]): r for r in prefill_rows}
@@ -316,6 +341,7 @@ def main(argv=None) -> None:
     dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]
     prefill_rows = prefill([int(x) for x in a.n.split(",")], a.heads, a.dim, dtypes, fla_chunk, notes)
     decode_rows = decode([int(x) for x in a.batch.split(",")], a.heads, a.dim, dtypes, fla_recurrent)
+    varlen(a.heads, a.dim, dtypes[0])
     summary(prefill_rows, decode_rows)
     for note in sorted(notes):
         print(f"# note: {note}")

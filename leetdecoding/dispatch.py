@@ -33,12 +33,12 @@ SEGMENT_BYTES = 8 << 20
 # (N / segment states instead of N / chunk), for a few percent of speed.
 GRAD_SEGMENT_BYTES = 32 << 20
 # The Triton kernels (leetdecoding/methods/triton): on CUDA they come first, in this order. triton_chunked's
-# chunk and the accuracy of its fp32 tl.dot operands ("tf32x3": three TF32 tensor-core products, within the
-# fp32 tolerance; "ieee" is exact and slower; "fast" rounds them to the input dtype as fla does).
+# chunk and the accuracy of its dots with an fp32 operand ("accurate": about fp32, within the contract's
+# tolerance; "ieee" is exact and slower; "fast" rounds that operand to the input dtype as fla does).
 # Not yet measured on a GPU: benchmarks/gpu_check.sh times them against fla and the torch methods.
 TRITON_FIRST_ON_CUDA = ["triton_chunked", "triton_recurrent", "triton_fleet"]
 TRITON_CHUNK_SIZE = 64
-TRITON_PRECISION = "tf32x3"
+TRITON_PRECISION = "accurate"
 # Working memory per group of rank-one terms in fleet.
 FLEET_BUDGET_BYTES = 64 << 20
 # A plan may use at most this fraction of the memory available on the device.

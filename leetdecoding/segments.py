@@ -12,7 +12,7 @@ from .methods.base import Method, new_output
 
 def run(method: Method, x: AttentionInputs, options: dict):
     """Returns (o, final_state or None, checkpoints or None)."""
-    if x.cu_seqlens is None and x.checkpoints is None:
+    if x.checkpoints is None and (x.cu_seqlens is None or method.native_varlen):
         o, state = method.forward(x, **options)
         return o, state, None
     sequences = [(0, x.seq_len)] if x.cu_seqlens is None else list(zip(x.cu_seqlens, x.cu_seqlens[1:]))

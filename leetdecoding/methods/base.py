@@ -35,6 +35,7 @@ class Method:
     supports_grad: bool = True
     supports_state: bool = True
     supports_varlen: bool = True  # packed sequences run through leetdecoding.segments
+    native_varlen: bool = False  # forward() takes packed sequences (x.cu_seqlens) itself, in one call
     time_complexity: str = ""
     memory_complexity: str = ""
     time_exponent: float = 1.0  # how time grows with N, for the benchmark's time budget

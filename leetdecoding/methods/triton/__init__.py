@@ -59,9 +59,10 @@ class TritonChunked(TritonMethod):
     name = "triton_chunked"
     algorithm = "chunked / Lightning Attention-2 in fused Triton kernels, forward and backward"
     supports_grad = True
+    native_varlen = True  # one launch for all packed sequences (a program per sequence and head)
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv)"  # the state stays on chip; the backward stores no per-chunk states
-    options = {"chunk_size": 64, "precision": "tf32x3"}
+    options = {"chunk_size": 64, "precision": "accurate"}
 
     def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
         c = min(chunk_size, max(x.seq_len, 1))
@@ -70,13 +71,14 @@ class TritonChunked(TritonMethod):
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
         return self._state_bytes(x)
 
-    def forward(self, x: AttentionInputs, chunk_size: int = 64, precision: str = "tf32x3", **options):
+    def forward(self, x: AttentionInputs, chunk_size: int = 64, precision: str = "accurate", **options):
         if chunk_size not in (16, 32, 64, 128):
             raise ValueError(f"triton_chunked: chunk_size must be 16, 32, 64 or 128; got {chunk_size}.")
         from . import ops
 
+        cu = None if x.cu_seqlens is None else torch.tensor(x.cu_seqlens, dtype=torch.int64, device=x.device)
         o, final = ops.chunked_fwd(
-            x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state, chunk_size, precision
+            x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state, chunk_size, precision, cu
         )
         return o, (final if x.output_final_state else None)
 

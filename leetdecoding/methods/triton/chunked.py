@@ -35,6 +35,7 @@ from .common import (
     empty_output,
     launch,
     launcher,
+    mixed_dot,
     round_bf16,
     round_to_bf16,
     strides,
@@ -75,9 +76,24 @@ def _chunk_end_decays(g, c_hi, c_lo, n_c, BT: tl.constexpr, ACC: tl.constexpr):
     return b_kd, f_hi, f_lo
 
 
+@triton.jit
+def _sequence(CU, i_b, N, VARLEN: tl.constexpr):
+    """(batch row, first token, length, sequence index) of this program's sequence: batch row i_b of N tokens,
+    or with VARLEN the packed sequence i_b, tokens [CU[i_b], CU[i_b + 1]) of batch row 0."""
+    if VARLEN:
+        bos = tl.load(CU + i_b).to(tl.int64)
+        n = (tl.load(CU + i_b + 1) - bos).to(tl.int32)
+        row = i_b * 0
+    else:
+        bos = i_b * 0
+        n = N
+        row = i_b
+    return row, bos, n, i_b
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def chunked_fwd_kernel(
-    Q, K, V, O, S0, SN, LOG_DECAY, DECAY,
+    Q, K, V, O, S0, SN, LOG_DECAY, DECAY, CU,
     scale, N, H, DK, DV,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -86,10 +102,11 @@ def chunked_fwd_kernel(
     s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
+    ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_v = tl.program_id(1)
 
     o_t = tl.arange(0, BT)
@@ -99,39 +116,34 @@ def chunked_fwd_kernel(
     m_k = o_k < DK
     m_v = o_v < DV
 
-    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd  # (1, BK); rows added per chunk
-    p_k0 = K + i_b * skb + i_h * skh + o_k[:, None] * skd  # (BK, 1): k loaded transposed
-    p_v0 = V + i_b * svb + i_h * svh + o_v[None, :] * svd
-    p_o0 = O + i_b * sob + i_h * soh + o_v[None, :] * sod
+    p_q0 = Q + i_b * sqb + i_h * sqh + bos * sqn + o_k[None, :] * sqd  # (1, BK); rows added per chunk
+    p_k0 = K + i_b * skb + i_h * skh + bos * skn + o_k[:, None] * skd  # (BK, 1): k loaded transposed
+    p_v0 = V + i_b * svb + i_h * svh + bos * svn + o_v[None, :] * svd
+    p_o0 = O + i_b * sob + i_h * soh + bos * son + o_v[None, :] * sod
 
     m_s = m_k[:, None] & m_v[None, :]
     b_s = tl.zeros([BK, BV], dtype=ACC)
     if USE_INITIAL_STATE:
-        p_s0 = S0 + i_b * s0b + i_h * s0h + o_k[:, None] * s0k + o_v[None, :] * s0v
+        p_s0 = S0 + i_n * s0b + i_h * s0h + o_k[:, None] * s0k + o_v[None, :] * s0v
         b_s = tl.load(p_s0, mask=m_s, other=0).to(ACC)
 
-    for i_c in range(0, (N + BT - 1) // BT):
+    for i_c in range(0, (T + BT - 1) // BT):
         r_t = i_c * BT + o_t64  # the chunk's token indices (64-bit)
-        m_t = r_t < N
+        m_t = r_t < T
         b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_t[:, None] & m_k[None, :], other=0)
         b_k = tl.load(p_k0 + r_t[None, :] * skn, mask=m_k[:, None] & m_t[None, :], other=0)  # (BK, BT)
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
-        n_c = tl.minimum(N - i_c * BT, BT)  # tokens in this chunk
+        n_c = tl.minimum(T - i_c * BT, BT)  # tokens in this chunk
         b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_a = tl.dot(b_q, b_k)
         else:
             b_a = tl.dot(b_q.to(ACC), b_k.to(ACC), input_precision=PREC)
         b_a = b_a * b_d
-        b_qd = b_q.to(ACC) * b_dq[:, None]
-        b_kd2 = b_k.to(ACC) * b_kd[None, :]
-        if LOW_PRECISION:
-            b_o = tl.dot(b_a.to(b_v.dtype), b_v) + tl.dot(b_qd.to(b_v.dtype), b_s.to(b_v.dtype))
-            b_upd = tl.dot(b_kd2.to(b_v.dtype), b_v)
-        else:
-            b_v = b_v.to(ACC)
-            b_o = tl.dot(b_a, b_v, input_precision=PREC) + tl.dot(b_qd, b_s, input_precision=PREC)
-            b_upd = tl.dot(b_kd2, b_v, input_precision=PREC)
+        # decays applied to the smaller side of each product: q S scaled by row, k^T v through v's rows
+        b_vd = b_v.to(ACC) * b_kd[:, None]
+        b_o = mixed_dot(b_a, b_v, True, MODE, PREC) + mixed_dot(b_s, b_q, False, MODE, PREC) * b_dq[:, None]
+        b_upd = mixed_dot(b_vd, b_k, False, MODE, PREC)
         b_o = b_o * scale
         if ROUND_BF16:
             b_o = round_to_bf16(b_o)
@@ -148,7 +160,7 @@ _NO_SPEC_BWD = [*_NO_SPEC, "sdb", "sdh"]
 
 @triton.jit(do_not_specialize=_NO_SPEC_BWD)
 def chunked_bwd_dq_kernel(
-    Q, K, V, DO, DQ, S0, DGQ, LOG_DECAY, DECAY,
+    Q, K, V, DO, DQ, S0, DGQ, LOG_DECAY, DECAY, CU,
     scale, N, H, DK, DV,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -157,11 +169,12 @@ def chunked_bwd_dq_kernel(
     s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
+    ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dq for one Dk block (all of Dv), walking forwards with S^T (Dv x BK); also sum_t (t+1) q_t . dq_t."""
     i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_k = tl.program_id(1)
 
     o_t = tl.arange(0, BT)
@@ -171,41 +184,36 @@ def chunked_bwd_dq_kernel(
     m_k = o_k < DK
     m_v = o_v < DV
 
-    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd
-    p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
-    p_v0 = V + i_b * svb + i_h * svh + o_v[:, None] * svd  # v loaded transposed (BV, BT)
-    p_do0 = DO + i_b * sdb + i_h * sdh + o_v[None, :] * sdd
-    p_dq0 = DQ + i_bh.to(tl.int64) * N * DK + o_k[None, :]  # dq is contiguous (B, H, N, Dk)
+    p_q0 = Q + i_b * sqb + i_h * sqh + bos * sqn + o_k[None, :] * sqd
+    p_k0 = K + i_b * skb + i_h * skh + bos * skn + o_k[None, :] * skd
+    p_v0 = V + i_b * svb + i_h * svh + bos * svn + o_v[:, None] * svd  # v loaded transposed (BV, BT)
+    p_do0 = DO + i_b * sdb + i_h * sdh + bos * sdn + o_v[None, :] * sdd
+    p_dq0 = DQ + ((i_b * H + i_h) * N + bos) * DK + o_k[None, :]  # dq is contiguous (B, H, N, Dk)
 
     b_st = tl.zeros([BV, BK], dtype=ACC)  # S^T for this Dk block
     if USE_INITIAL_STATE:
-        p_s0 = S0 + i_b * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
+        p_s0 = S0 + i_n * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
         b_st = tl.load(p_s0, mask=m_v[:, None] & m_k[None, :], other=0).to(ACC)
     b_dg = tl.zeros([BT], dtype=ACC)
 
-    for i_c in range(0, (N + BT - 1) // BT):
+    for i_c in range(0, (T + BT - 1) // BT):
         r_t = i_c * BT + o_t64
-        m_t = r_t < N
+        m_t = r_t < T
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_tk, other=0)
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_tk, other=0)
         b_vt = tl.load(p_v0 + r_t[None, :] * svn, mask=m_v[:, None] & m_t[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_t[:, None] & m_v[None, :], other=0)
-        n_c = tl.minimum(N - i_c * BT, BT)
+        n_c = tl.minimum(T - i_c * BT, BT)
         b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_da = tl.dot(b_do, b_vt)
         else:
             b_da = tl.dot(b_do.to(ACC), b_vt.to(ACC), input_precision=PREC)
         b_da = b_da * b_d
-        b_dod = b_do.to(ACC) * b_dq[:, None]
         b_kd2 = b_k.to(ACC) * b_kd[:, None]
-        if LOW_PRECISION:
-            b_dqv = tl.dot(b_da.to(b_k.dtype), b_k) + tl.dot(b_dod.to(b_k.dtype), b_st.to(b_k.dtype))
-            b_upd = tl.dot(b_vt, b_kd2.to(b_vt.dtype))
-        else:
-            b_dqv = tl.dot(b_da, b_k.to(ACC), input_precision=PREC) + tl.dot(b_dod, b_st, input_precision=PREC)
-            b_upd = tl.dot(b_vt.to(ACC), b_kd2, input_precision=PREC)
+        b_dqv = mixed_dot(b_da, b_k, True, MODE, PREC) + mixed_dot(b_st, b_do, False, MODE, PREC) * b_dq[:, None]
+        b_upd = mixed_dot(b_kd2, b_vt, False, MODE, PREC)
         b_dqv = b_dqv * scale
         b_out = b_dqv
         if ROUND_BF16:
@@ -219,7 +227,7 @@ def chunked_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPEC_BWD)
 def chunked_bwd_dk_kernel(
-    Q, K, V, DO, DK_OUT, DSN, DS0, DGK, LOG_DECAY, DECAY,
+    Q, K, V, DO, DK_OUT, DSN, DS0, DGK, LOG_DECAY, DECAY, CU,
     scale, N, H, DK, DV,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -228,12 +236,13 @@ def chunked_bwd_dk_kernel(
     snb, snh, snk, snv,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
+    ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dk for one Dk block (all of Dv), walking backwards with dH^T (Dv x BK); also dS_0 and
     sum_t (t+1) k_t . dk_t."""
     i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_k = tl.program_id(1)
 
     o_t = tl.arange(0, BT)
@@ -244,44 +253,40 @@ def chunked_bwd_dk_kernel(
     m_v = o_v < DV
     b_dt = tl.trans(b_d)  # b_dt[j, i] = lambda^(i-j) for i >= j
 
-    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[None, :] * sqd
-    p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
-    p_v0 = V + i_b * svb + i_h * svh + o_v[None, :] * svd
-    p_do0 = DO + i_b * sdb + i_h * sdh + o_v[:, None] * sdd  # do loaded transposed (BV, BT)
-    p_dk0 = DK_OUT + i_bh.to(tl.int64) * N * DK + o_k[None, :]
+    p_q0 = Q + i_b * sqb + i_h * sqh + bos * sqn + o_k[None, :] * sqd
+    p_k0 = K + i_b * skb + i_h * skh + bos * skn + o_k[None, :] * skd
+    p_v0 = V + i_b * svb + i_h * svh + bos * svn + o_v[None, :] * svd
+    p_do0 = DO + i_b * sdb + i_h * sdh + bos * sdn + o_v[:, None] * sdd  # do loaded transposed (BV, BT)
+    p_dk0 = DK_OUT + ((i_b * H + i_h) * N + bos) * DK + o_k[None, :]
 
     m_vk = m_v[:, None] & m_k[None, :]
     b_dht = tl.zeros([BV, BK], dtype=ACC)  # dH^T for this Dk block
     if USE_FINAL_GRAD:
-        p_dsn = DSN + i_b * snb + i_h * snh + o_v[:, None] * snv + o_k[None, :] * snk
+        p_dsn = DSN + i_n * snb + i_h * snh + o_v[:, None] * snv + o_k[None, :] * snk
         b_dht = tl.load(p_dsn, mask=m_vk, other=0).to(ACC)
     b_dg = tl.zeros([BT], dtype=ACC)
 
-    n_chunks = (N + BT - 1) // BT
+    n_chunks = (T + BT - 1) // BT
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
         r_t = i_c * BT + o_t64
-        m_t = r_t < N
+        m_t = r_t < T
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_tk, other=0)
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_tk, other=0)
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
         b_dot = tl.load(p_do0 + r_t[None, :] * sdn, mask=m_v[:, None] & m_t[None, :], other=0)
-        n_c = tl.minimum(N - i_c * BT, BT)
+        n_c = tl.minimum(T - i_c * BT, BT)
         b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_dat = tl.dot(b_v, b_dot)
         else:
             b_dat = tl.dot(b_v.to(ACC), b_dot.to(ACC), input_precision=PREC)
         b_dat = b_dat * b_dt
-        b_vd = b_v.to(ACC) * b_kd[:, None]
         b_qd = b_q.to(ACC) * b_dq[:, None]
-        if LOW_PRECISION:
-            b_dkv = tl.dot(b_dat.to(b_q.dtype), b_q) * scale + tl.dot(b_vd.to(b_q.dtype), b_dht.to(b_q.dtype))
-            b_upd = tl.dot(b_dot, b_qd.to(b_dot.dtype))
-        else:
-            b_dkv = tl.dot(b_dat, b_q.to(ACC), input_precision=PREC) * scale + tl.dot(b_vd, b_dht, input_precision=PREC)
-            b_upd = tl.dot(b_dot.to(ACC), b_qd, input_precision=PREC)
+        b_dkv = mixed_dot(b_dat, b_q, True, MODE, PREC) * scale
+        b_dkv += mixed_dot(b_dht, b_v, False, MODE, PREC) * b_kd[:, None]
+        b_upd = mixed_dot(b_qd, b_dot, False, MODE, PREC)
         b_out = b_dkv
         if ROUND_BF16:
             b_out = round_to_bf16(b_out)
@@ -297,7 +302,7 @@ def chunked_bwd_dk_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPEC_BWD)
 def chunked_bwd_dv_kernel(
-    Q, K, DO, DV_OUT, DSN, LOG_DECAY, DECAY,
+    Q, K, DO, DV_OUT, DSN, LOG_DECAY, DECAY, CU,
     scale, N, H, DK, DV,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
@@ -305,11 +310,12 @@ def chunked_bwd_dv_kernel(
     snb, snh, snk, snv,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_FINAL_GRAD: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, LOW_PRECISION: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
+    ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dv for one Dv block (all of Dk), walking backwards with dH (Dk x BV)."""
     i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_v = tl.program_id(1)
 
     o_t = tl.arange(0, BT)
@@ -320,41 +326,36 @@ def chunked_bwd_dv_kernel(
     m_v = o_v < DV
     b_dt = tl.trans(b_d)  # b_dt[j, i] = lambda^(i-j) for i >= j
 
-    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[:, None] * sqd  # q loaded transposed (BK, BT)
-    p_k0 = K + i_b * skb + i_h * skh + o_k[None, :] * skd
-    p_do0 = DO + i_b * sdb + i_h * sdh + o_v[None, :] * sdd
-    p_dv0 = DV_OUT + i_bh.to(tl.int64) * N * DV + o_v[None, :]
+    p_q0 = Q + i_b * sqb + i_h * sqh + bos * sqn + o_k[:, None] * sqd  # q loaded transposed (BK, BT)
+    p_k0 = K + i_b * skb + i_h * skh + bos * skn + o_k[None, :] * skd
+    p_do0 = DO + i_b * sdb + i_h * sdh + bos * sdn + o_v[None, :] * sdd
+    p_dv0 = DV_OUT + ((i_b * H + i_h) * N + bos) * DV + o_v[None, :]
 
     b_dh = tl.zeros([BK, BV], dtype=ACC)
     if USE_FINAL_GRAD:
-        p_dsn = DSN + i_b * snb + i_h * snh + o_k[:, None] * snk + o_v[None, :] * snv
+        p_dsn = DSN + i_n * snb + i_h * snh + o_k[:, None] * snk + o_v[None, :] * snv
         b_dh = tl.load(p_dsn, mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
 
-    n_chunks = (N + BT - 1) // BT
+    n_chunks = (T + BT - 1) // BT
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
         r_t = i_c * BT + o_t64
-        m_t = r_t < N
+        m_t = r_t < T
         m_tv = m_t[:, None] & m_v[None, :]
         b_qt = tl.load(p_q0 + r_t[None, :] * sqn, mask=m_k[:, None] & m_t[None, :], other=0)
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_t[:, None] & m_k[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_tv, other=0)
-        n_c = tl.minimum(N - i_c * BT, BT)
+        n_c = tl.minimum(T - i_c * BT, BT)
         b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_at = tl.dot(b_k, b_qt)
         else:
             b_at = tl.dot(b_k.to(ACC), b_qt.to(ACC), input_precision=PREC)
         b_at = b_at * b_dt
-        b_kd2 = b_k.to(ACC) * b_kd[:, None]
-        b_qd = b_qt.to(ACC) * b_dq[None, :]
-        if LOW_PRECISION:
-            b_dvv = tl.dot(b_at.to(b_do.dtype), b_do) * scale + tl.dot(b_kd2.to(b_do.dtype), b_dh.to(b_do.dtype))
-            b_upd = tl.dot(b_qd.to(b_do.dtype), b_do)
-        else:
-            b_dof = b_do.to(ACC)
-            b_dvv = tl.dot(b_at, b_dof, input_precision=PREC) * scale + tl.dot(b_kd2, b_dh, input_precision=PREC)
-            b_upd = tl.dot(b_qd, b_dof, input_precision=PREC)
+        b_dod = b_do.to(ACC) * b_dq[:, None]
+        b_dvv = mixed_dot(b_at, b_do, True, MODE, PREC) * scale
+        b_dvv += mixed_dot(b_dh, b_k, False, MODE, PREC) * b_kd[:, None]
+        b_upd = mixed_dot(b_dod, b_qt, False, MODE, PREC)
         if ROUND_BF16:
             b_dvv = round_to_bf16(b_dvv)
         tl.store(p_dv0 + r_t[:, None] * DV, b_dvv.to(DV_OUT.dtype.element_ty), mask=m_tv)
@@ -397,32 +398,39 @@ def forward(
     output_final_state: bool,
     chunk_size: int,
     precision: str,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, H, N, Dv) in q's dtype and the final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked)."""
+    """o (B, H, N, Dv) in q's dtype and the final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked).
+
+    With `cu_seqlens` (S + 1 offsets on q's device), q, k, v are (1, H, T, D) packed sequences, each computed
+    on its own in one launch; initial and final states are (S, H, Dk, Dv)."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     acc = torch_acc_dtype(q.dtype)
+    rows = B if cu_seqlens is None else cu_seqlens.numel() - 1  # programs per head: batch rows or sequences
     o = empty_output((B, H, N, Dv), q.dtype, q.device)
-    final = torch.empty((B, H, Dk, Dv) if output_final_state else (0,), dtype=acc, device=q.device)
+    final = torch.empty((rows, H, Dk, Dv) if output_final_state else (0,), dtype=acc, device=q.device)
     fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
-    prec, native, low = dot_flags(q.dtype, precision)
+    prec, native, mode = dot_flags(q.dtype, precision)
     bk, bv = _fwd_tiles(Dk, Dv)
 
     def run(variant):
         bt, stages = variant
-        launcher(chunked_fwd_kernel)[(B * H, triton.cdiv(Dv, bv))](
+        launcher(chunked_fwd_kernel)[(rows * H, triton.cdiv(Dv, bv))](
             q, k, v, o, initial_state if initial_state is not None else o, final, log_decay,
-            decay_power(log_decay, bt),
+            decay_power(log_decay, bt), cu_seqlens if cu_seqlens is not None else log_decay,
             1.0 if fp64 else scale, N, H, Dk, Dv,
             *strides(q), *strides(k), *strides(v), *strides(o), *strides(initial_state),
             BT=bt, BK=bk, BV=bv,
             USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-            ACC=acc_dtype(q.dtype), PREC=prec, NATIVE_QK=native, LOW_PRECISION=low, ROUND_BF16=round_bf16(q.dtype),
-            num_warps=warps(bk * bv), num_stages=stages,
+            ACC=acc_dtype(q.dtype), PREC=prec, NATIVE_QK=native, MODE=mode, ROUND_BF16=round_bf16(q.dtype),
+            VARLEN=cu_seqlens is not None, num_warps=warps(bk * bv), num_stages=stages,
         )  # fmt: skip
 
-    key = ("fwd", Dk, Dv, q.dtype, chunk_size, precision, initial_state is not None, output_final_state)
-    launch(key, chunk_variants(chunk_size, _stages(q.dtype)), run)
+    key = ("fwd", Dk, Dv, q.dtype, chunk_size, precision, initial_state is not None, output_final_state, rows != B)
+    # head dims over 128: chunks of 32 at most on the GPU (as in the backward), or the tiles spill registers
+    bt = chunk_size if INTERPRET or bk <= 128 else min(chunk_size, 32)
+    launch(key, chunk_variants(bt, _stages(q.dtype)), run)
     if fp64 and scale != 1.0:
         o.mul_(scale)
     return o, final
@@ -439,33 +447,37 @@ def backward(
     dfinal: torch.Tensor | None,
     scale: float,
     precision: str,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dq, dk, dv, dlog_decay, dinitial_state or None). `final_state` is needed when `dfinal` is given."""
     B, H, N, Dk = q.shape
+    rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
     Dv = v.shape[-1]
     acc = torch_acc_dtype(q.dtype)
     if q.dtype == torch.float64:  # an fp64 scale applied to do here rather than as an fp32 kernel argument
         do, scale = do * scale, 1.0
-    prec, native, low = dot_flags(q.dtype, precision)
-    flags = dict(ACC=acc_dtype(q.dtype), PREC=prec, NATIVE_QK=native, LOW_PRECISION=low, ROUND_BF16=round_bf16(q.dtype))
+    prec, native, mode = dot_flags(q.dtype, precision)
+    flags = dict(ACC=acc_dtype(q.dtype), PREC=prec, NATIVE_QK=native, MODE=mode, ROUND_BF16=round_bf16(q.dtype))
+    flags["VARLEN"] = cu_seqlens is not None
+    cu = cu_seqlens if cu_seqlens is not None else log_decay  # a pointer the kernels never read without VARLEN
     dq = torch.empty(B, H, N, Dk, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, N, Dk, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
-    ds0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device) if initial_state is not None else None
+    ds0 = torch.empty(rows, H, Dk, Dv, dtype=acc, device=q.device) if initial_state is not None else None
     dfinal_or_any = dfinal if dfinal is not None else q  # a pointer the kernel never reads without the flag
-    key = (Dk, Dv, q.dtype, precision, initial_state is not None, dfinal is not None)
+    key = (Dk, Dv, q.dtype, precision, initial_state is not None, dfinal is not None, cu_seqlens is not None)
 
     bt_k, bk, bvf = _bwd_tiles(Dk, Dv)
     nk = triton.cdiv(Dk, bk)
-    dg_q = torch.empty(B * H, nk, dtype=acc, device=q.device)
-    dg_k = torch.empty(B * H, nk, dtype=acc, device=q.device)
+    dg_q = torch.empty(rows * H, nk, dtype=acc, device=q.device)
+    dg_k = torch.empty(rows * H, nk, dtype=acc, device=q.device)
     common = (scale, N, H, Dk, Dv, *strides(q), *strides(k), *strides(v), *strides(do))
 
     def run_dq(variant):
         bt, stages = variant
-        launcher(chunked_bwd_dq_kernel)[(B * H, nk)](
+        launcher(chunked_bwd_dq_kernel)[(rows * H, nk)](
             q, k, v, do, dq, initial_state if initial_state is not None else q, dg_q, log_decay,
-            decay_power(log_decay, bt),
+            decay_power(log_decay, bt), cu,
             *common, *strides(initial_state),
             BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
@@ -473,9 +485,9 @@ def backward(
 
     def run_dk(variant):
         bt, stages = variant
-        launcher(chunked_bwd_dk_kernel)[(B * H, nk)](
+        launcher(chunked_bwd_dk_kernel)[(rows * H, nk)](
             q, k, v, do, dk, dfinal_or_any, ds0 if ds0 is not None else dg_k, dg_k, log_decay,
-            decay_power(log_decay, bt),
+            decay_power(log_decay, bt), cu,
             *common, *strides(dfinal),
             BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, STORE_INITIAL_GRAD=ds0 is not None, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
@@ -485,8 +497,8 @@ def backward(
 
     def run_dv(variant):
         bt, stages = variant
-        launcher(chunked_bwd_dv_kernel)[(B * H, triton.cdiv(Dv, bv))](
-            q, k, do, dv, dfinal_or_any, log_decay, decay_power(log_decay, bt),
+        launcher(chunked_bwd_dv_kernel)[(rows * H, triton.cdiv(Dv, bv))](
+            q, k, do, dv, dfinal_or_any, log_decay, decay_power(log_decay, bt), cu,
             scale, N, H, Dk, Dv, *strides(q), *strides(k), *strides(do), *strides(dfinal),
             BT=bt, BK=bkf, BV=bv, USE_FINAL_GRAD=dfinal is not None, **flags,
             num_warps=warps(bkf * bv), num_stages=stages,
@@ -496,8 +508,9 @@ def backward(
     launch(("dk", *key), chunk_variants(bt_k, _stages(q.dtype)), run_dk)
     launch(("dv", *key), chunk_variants(bt_v, _stages(q.dtype)), run_dv)
     # dlog_lambda: the per-position terms summed per head (in fp64: the two sums partly cancel), plus
-    # N <S_N, dS_N> from the final state
-    dg = (dg_q.double().sum(-1) - dg_k.double().sum(-1)).view(B, H).sum(0)
+    # N <S_N, dS_N> from the final state (each sequence's own length N with cu_seqlens)
+    dg = (dg_q.double().sum(-1) - dg_k.double().sum(-1)).view(rows, H).sum(0)
     if dfinal is not None:
-        dg = dg + N * (final_state.double() * dfinal.double()).sum((0, 2, 3))
+        lengths = torch.full((rows,), N, device=q.device) if cu_seqlens is None else cu_seqlens.diff()
+        dg = dg + (lengths.double()[:, None] * (final_state.double() * dfinal.double()).sum((2, 3))).sum(0)
     return dq, dk, dv, dg.to(log_decay.dtype), ds0

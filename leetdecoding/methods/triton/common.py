@@ -24,12 +24,55 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 # The combine function of tl.sum. `tl.reduce(x, axis, SUM)` is tl.sum without the nested jit call.
 SUM = tl.standard._sum_combine
 
-# Accuracy of the tl.dot calls whose operands are fp32 (the decayed scores, the fp32 state):
-#   "tf32x3": three TF32 tensor-core products, close to fp32 accuracy (default);
-#   "ieee":   true fp32 (CUDA cores, slowest);
-#   "fast":   operands rounded to the input dtype (bf16 / fp16; TF32 for fp32 inputs), as fla does: fastest,
-#             about one rounding of the input dtype more error than the contract's tolerance allows.
-PRECISIONS = ("tf32x3", "ieee", "fast")
+# Accuracy of the tl.dot calls that meet an fp32 operand (decayed scores, a state) and an input tile:
+#   "accurate": about fp32 accuracy (default). fp32 inputs: three TF32 tensor-core products (tf32x3); 16-bit
+#               inputs: the fp32 operand split as hi + lo, two products with the input tile exact (~2^-16);
+#   "ieee":     true fp32 products (CUDA cores, slowest);
+#   "fast":     the fp32 operand rounded to the input dtype (TF32 for fp32 inputs), one product, as fla does:
+#               fastest, about one rounding of the input dtype more error than the contract's tolerance allows.
+PRECISIONS = ("accurate", "ieee", "fast")
+
+# how `mixed_dot` multiplies (the MODE flag of the kernels)
+WIDE, SPLIT_BF16, SPLIT_TF32, LOW = 0, 1, 2, 3
+
+
+@triton.jit
+def mixed_dot(w, x, W_FIRST: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """w @ x (W_FIRST) or x @ w, for w in the accumulation dtype and x a tile of the inputs (any dtype).
+
+    WIDE: x widened to w's dtype, one dot at PREC. LOW: w rounded to x's dtype, one native dot.
+    SPLIT_BF16 / SPLIT_TF32: w = hi + lo with both parts exact in the operand type (bf16, or TF32: w with its 13
+    low mantissa bits cleared), and two dots in which x is exact (16-bit inputs are exact in TF32).
+    """
+    # (one return at the end: the compiler does not stop at a return inside a branch)
+    if MODE == 1:
+        hi = w.to(tl.bfloat16)
+        lo = (w - hi.to(tl.float32)).to(tl.bfloat16)
+        if W_FIRST:
+            out = tl.dot(hi, x) + tl.dot(lo, x)
+        else:
+            out = tl.dot(x, hi) + tl.dot(x, lo)
+    elif MODE == 2:
+        hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        lo = w - hi
+        xf = x.to(tl.float32)
+        if W_FIRST:
+            out = tl.dot(hi, xf, input_precision="tf32") + tl.dot(lo, xf, input_precision="tf32")
+        else:
+            out = tl.dot(xf, hi, input_precision="tf32") + tl.dot(xf, lo, input_precision="tf32")
+    elif MODE == 3:
+        w = w.to(x.dtype)
+        if W_FIRST:
+            out = tl.dot(w, x)
+        else:
+            out = tl.dot(x, w)
+    else:
+        x = x.to(w.dtype)
+        if W_FIRST:
+            out = tl.dot(w, x, input_precision=PREC)
+        else:
+            out = tl.dot(x, w, input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -77,21 +120,23 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_flags(dtype: torch.dtype, precision: str) -> tuple[str, bool, bool]:
-    """(input_precision for fp32 dots, NATIVE_QK, LOW_PRECISION) for the kernels.
+def dot_flags(dtype: torch.dtype, precision: str) -> tuple[str, bool, int]:
+    """(input_precision of the fp32 dots, NATIVE_QK, MODE of `mixed_dot`) for the kernels.
 
     NATIVE_QK: q k^T (and the like) multiply the 16-bit inputs directly (exact products, fp32 accumulation).
-    The interpreter's bf16 tl.dot is broken, so there every operand is converted to fp32 first.
+    The interpreter's bf16 tl.dot is broken, so there every bf16 operand is widened first.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
+    if dtype == torch.float64:
+        return "ieee", False, WIDE
     sixteen = dtype in (torch.float16, torch.bfloat16)
     native = sixteen and not INTERPRET
-    if dtype == torch.float64:
-        return "ieee", False, False
+    if precision == "ieee" or not sixteen:
+        return {"accurate": "tf32x3", "ieee": "ieee", "fast": "tf32"}[precision], native, WIDE
     if precision == "fast":
-        return "tf32", native, native
-    return precision, native, False
+        return "tf32", native, LOW if native else WIDE
+    return "tf32x3", native, SPLIT_BF16 if native and dtype == torch.bfloat16 else SPLIT_TF32
 
 
 def strides(t: torch.Tensor | None, ndim: int = 4) -> tuple[int, ...]:
@@ -104,9 +149,15 @@ def strides(t: torch.Tensor | None, ndim: int = 4) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+# Set by `leetdecoding.methods.triton.compile_check` to compile for a GPU that is not here instead of launching.
+COMPILE_ONLY = None
+
+
 def launcher(kernel):
     """The kernel to launch: `torch.library.wrap_triton(kernel)` where the ops are triton_ops (so that
     torch.compile sees the kernel), the kernel itself otherwise."""
+    if COMPILE_ONLY is not None:
+        return COMPILE_ONLY(kernel)
     from . import ops
 
     return ops.wrap(kernel)
@@ -178,6 +229,7 @@ __all__ = [
     "empty_output",
     "launch",
     "launcher",
+    "mixed_dot",
     "next_pow2",
     "strides",
     "torch_acc_dtype",

@@ -44,8 +44,9 @@ def _define(name: str, schema: str, impl, fake, mutates=()):
     return op
 
 
-def _state_shape(q, v, wanted: bool):
-    return (q.shape[0], q.shape[1], q.shape[3], v.shape[3]) if wanted else (0,)
+def _state_shape(q, v, wanted: bool, cu_seqlens=None):
+    rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (rows, q.shape[1], q.shape[3], v.shape[3]) if wanted else (0,)
 
 
 # ----- triton_chunked -----
@@ -61,16 +62,19 @@ def _chunked_fwd(
     output_final_state: bool,
     chunk_size: int,
     precision: str,
+    cu_seqlens: OptTensor,
 ) -> tuple[Tensor, Tensor]:
     from . import chunked
 
     with device_of(q):
-        return chunked.forward(q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision)
+        return chunked.forward(
+            q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision, cu_seqlens
+        )
 
 
-def _chunked_fwd_fake(q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision):
+def _chunked_fwd_fake(q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision, cu_seqlens):
     o = q.new_empty((*q.shape[:3], v.shape[3]))
-    return o, q.new_empty(_state_shape(q, v, output_final_state), dtype=torch_acc_dtype(q.dtype))
+    return o, q.new_empty(_state_shape(q, v, output_final_state, cu_seqlens), dtype=torch_acc_dtype(q.dtype))
 
 
 def _chunked_bwd(
@@ -84,17 +88,18 @@ def _chunked_bwd(
     dfinal: OptTensor,
     scale: float,
     precision: str,
+    cu_seqlens: OptTensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from . import chunked
 
     with device_of(q):
         dq, dk, dv, dg, ds0 = chunked.backward(
-            q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision
+            q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision, cu_seqlens
         )
     return dq, dk, dv, dg, ds0 if ds0 is not None else q.new_empty((0,), dtype=log_decay.dtype)
 
 
-def _chunked_bwd_fake(q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision):
+def _chunked_bwd_fake(q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision, cu_seqlens):
     ds0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty((0,), dtype=log_decay.dtype)
     return (
         q.new_empty(q.shape),
@@ -108,33 +113,35 @@ def _chunked_bwd_fake(q, k, v, log_decay, initial_state, final_state, do, dfinal
 chunked_fwd = _define(
     "chunked_fwd",
     "(Tensor q, Tensor k, Tensor v, Tensor log_decay, Tensor? initial_state, float scale, "
-    "bool output_final_state, int chunk_size, str precision) -> (Tensor, Tensor)",
+    "bool output_final_state, int chunk_size, str precision, Tensor? cu_seqlens) -> (Tensor, Tensor)",
     _chunked_fwd,
     _chunked_fwd_fake,
 )
 chunked_bwd = _define(
     "chunked_bwd",
     "(Tensor q, Tensor k, Tensor v, Tensor log_decay, Tensor? initial_state, Tensor? final_state, Tensor do, "
-    "Tensor? dfinal, float scale, str precision) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? dfinal, float scale, str precision, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _chunked_bwd,
     _chunked_bwd_fake,
 )
 
 
 def _chunked_setup(ctx, inputs, output):
-    q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision = inputs
+    q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision, cu_seqlens = inputs
     ctx.scale, ctx.precision, ctx.has_initial = scale, precision, initial_state is not None
     if any(ctx.needs_input_grad[:5]):  # save only when a gradient will be asked for
         final = output[1] if output_final_state else None
-        ctx.save_for_backward(q, k, v, log_decay, initial_state, final)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, final, cu_seqlens)
 
 
 def _chunked_backward(ctx, do, dfinal):
-    q, k, v, log_decay, initial_state, final = ctx.saved_tensors
+    q, k, v, log_decay, initial_state, final, cu_seqlens = ctx.saved_tensors
     if final is None or dfinal is None or dfinal.numel() == 0:
         dfinal, final = None, None
-    dq, dk, dv, dg, ds0 = chunked_bwd(q, k, v, log_decay, initial_state, final, do, dfinal, ctx.scale, ctx.precision)
-    return dq, dk, dv, dg, (ds0 if ctx.has_initial else None), None, None, None, None
+    dq, dk, dv, dg, ds0 = chunked_bwd(
+        q, k, v, log_decay, initial_state, final, do, dfinal, ctx.scale, ctx.precision, cu_seqlens
+    )
+    return dq, dk, dv, dg, (ds0 if ctx.has_initial else None), None, None, None, None, None
 
 
 torch.library.register_autograd("leetdecoding::chunked_fwd", _chunked_backward, setup_context=_chunked_setup)
@@ -181,7 +188,7 @@ _FWD_SCHEMA = (
 
 
 def _fwd_fake(q, k, v, log_decay, initial_state, scale, output_final_state):
-    return _chunked_fwd_fake(q, k, v, log_decay, initial_state, scale, output_final_state, 0, "")
+    return _chunked_fwd_fake(q, k, v, log_decay, initial_state, scale, output_final_state, 0, "", None)
 
 
 recurrent_fwd = _define("recurrent_fwd", _FWD_SCHEMA, _recurrent_fwd, _fwd_fake)

@@ -1,0 +1,214 @@
+"""Compile every Triton kernel launch for a GPU that is not here, and report what each launch would use.
+
+    python -m leetdecoding.methods.triton.compile_check              # sm_90 (H100) and sm_80 (A100)
+    python -m leetdecoding.methods.triton.compile_check --arch 90 --quick
+
+Triton's interpreter checks what the kernels compute, not that they compile for a GPU. This runs the methods'
+own host code on small CPU tensors, but every launch is compiled by Triton's CUDA backend (with the ptxas that
+ships with Triton) for the given compute capability instead of being run. Shared memory comes from the
+compiled kernel, registers and spills from the cubin. A variant that needs more shared memory than the device
+has raises OutOfResources as the device would at launch, so the report shows the variant each method settles
+on. Runs without TRITON_INTERPRET (the kernels must be compiled, not interpreted); exit status 1 when a launch
+fails to compile or has no variant that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+# shared memory a block may opt into, bytes (CUDA programming guide, compute capabilities table)
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+MAX_REGISTERS = 255
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    case: str
+    constants: str
+    shared: int
+    registers: int
+    spill_bytes: int
+    fits: bool
+
+
+class _Target:
+    """Triton's active-driver interface, reduced to what compiling (not launching) needs."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.arch = arch
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return self.arch  # one compile cache per architecture
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, spill bytes: stack + local) of the one function in a cubin, from cuobjdump."""
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+
+    def field(name):
+        m = re.search(rf"\b{name}:(\d+)", text)
+        return int(m.group(1)) if m else 0
+
+    return field("REG"), field("STACK") + field("LOCAL")
+
+
+class Recorder:
+    """Stands in for `launcher(kernel)[grid](*args, **kwargs)`: compiles, records, raises OutOfResources when
+    the compiled kernel needs more shared memory than the target has."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.case = ""
+        self.rows: list[Compiled] = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.compile(kernel, grid, args, kwargs)
+
+        return Grid()
+
+    def compile(self, kernel, grid, args, kwargs):
+        from triton.runtime.errors import OutOfResources
+
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        shared = int(compiled.metadata.shared)
+        registers, spills = _resources(compiled.asm["cubin"])
+        fits = shared <= SHARED_LIMIT[self.arch] and registers <= MAX_REGISTERS
+        shown = ("BT", "BK", "BV", "BB", "num_warps", "num_stages")
+        constants = " ".join(f"{k}={kwargs[k]}" for k in shown if k in kwargs)
+        self.rows.append(Compiled(kernel.fn.__name__, self.case, constants, shared, registers, spills, fits))
+        if not fits:
+            raise OutOfResources(shared, SHARED_LIMIT[self.arch], "shared memory")
+
+
+def _tensors(dtype, dk, dv):
+    B, H, N = 1, 2, 100
+    q = torch.randn(B, N, H, dk, dtype=dtype).transpose(1, 2)  # strided, as from a projection
+    k = torch.randn(B, H, N, dk, dtype=dtype)
+    v = torch.randn(B, H, N, dv, dtype=dtype)
+    return q, k, v, torch.full((H,), -0.01), torch.randn(B, H, dk, dv)
+
+
+def _chunked(dtype, dk, dv, precision):
+    from . import chunked
+
+    q, k, v, ld, s0 = _tensors(dtype, dk, dv)
+    o, _ = chunked.forward(q, k, v, ld, s0, 1.0, True, 64, precision)
+    chunked.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, precision)
+
+
+def _recurrent(dtype, dk, dv):
+    from . import recurrent
+
+    q, k, v, ld, s0 = _tensors(dtype, dk, dv)
+    recurrent.forward(q, k, v, ld, s0, 1.0, True)
+    recurrent.decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0, ld, 1.0, s0)
+
+
+def _fleet(dtype, dk, dv):
+    from . import fleet
+
+    q, k, v, ld, s0 = _tensors(dtype, dk, dv)
+    fleet.forward(q, k, v, ld, s0, 1.0, True)
+
+
+def cases(quick: bool):
+    """(label, function, arguments): each function makes one method's host calls on small CPU tensors."""
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    dims = ((64, 64), (128, 128), (96, 100), (60, 128), (192, 192), (256, 256))
+    if quick:
+        shapes = [(f32, 128, 128), (bf16, 128, 128), (f16, 96, 100)]
+    else:
+        shapes = [(dtype, dk, dv) for dtype in (f32, f16, bf16) for dk, dv in dims]
+    out = []
+    for dtype, dk, dv in shapes:
+        name = f"{str(dtype).replace('torch.', '')} {dk}x{dv}"
+        precisions = ("accurate", "fast", "ieee") if (dk, dv) == (128, 128) and not quick else ("accurate",)
+        out += [(f"chunked {name} {p}", _chunked, (dtype, dk, dv, p)) for p in precisions]
+        out += [(f"recurrent+decode {name}", _recurrent, (dtype, dk, dv)), (f"fleet {name}", _fleet, (dtype, dk, dv))]
+    return out
+
+
+def run(arch: int, quick: bool) -> tuple[list[Compiled], list[str]]:
+    """Compile every case for `arch`: (every compiled launch, the failures as messages)."""
+    from triton.runtime import driver
+
+    from . import common
+
+    recorder = Recorder(arch)
+    failures = []
+    previous = getattr(driver, "_active", None)  # None where this machine has no GPU driver
+    driver.set_active(_Target(arch))
+    common.COMPILE_ONLY = recorder
+    common._WORKING_VARIANT.clear()
+    try:
+        for label, case, arguments in cases(quick):
+            recorder.case = label
+            try:
+                case(*arguments)
+            except Exception as e:  # a compile error, or no variant fits: report it and go on
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                failures.append(f"sm_{arch} {label}: {type(e).__name__}: {first}")
+    finally:
+        common.COMPILE_ONLY = None
+        common._WORKING_VARIANT.clear()
+        driver.set_active(previous)
+    return recorder.rows, failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--quick", action="store_true", help="three cases: fp32 and bf16 at 128x128, fp16 at 96x100")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+        return 2
+    status = 0
+    for arch in args.arch:
+        rows, failures = run(arch, args.quick)
+        print(f"## sm_{arch}: shared memory limit {SHARED_LIMIT[arch] // 1024} KiB")
+        print(f"{'case':34} {'kernel':24} {'constants':44} {'smem KiB':>8} {'regs':>5} {'spill':>6}  fits")
+        for r in rows:
+            print(
+                f"{r.case:34} {r.kernel:24} {r.constants:44} {r.shared / 1024:8.1f} {r.registers:5d} "
+                f"{r.spill_bytes:6d}  {'yes' if r.fits else 'NO -> next variant'}"
+            )
+        for f in failures:
+            print("FAILED", f)
+        status |= bool(failures)
+    return int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
