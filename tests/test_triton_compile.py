@@ -44,3 +44,14 @@ def test_every_launch_compiles_and_fits():
         fitting = [line for line in out.splitlines() if line.endswith(" yes")]
         for name in KERNELS:  # each kernel compiled with a variant that fits
             assert any(name in line for line in fitting), (name, report)
+
+
+def test_a_second_binary_for_another_length_is_reported():
+    from leetdecoding.methods.triton.compile_check import LENGTHS, Compiled, recompiled
+
+    def row(n, binary, kernel="chunked_fwd_kernel"):
+        return Compiled(kernel, f"{LENGTHS} N={n} chunked", "BT=64", binary, 0, 0, 0, True)
+
+    assert recompiled([row(100, "a"), row(1024, "a"), row(1, "a")]) == []
+    found = recompiled([row(100, "a"), row(1024, "b"), row(1, "a")])
+    assert found == ["chunked_fwd_kernel (chunked, BT=64): 2 binaries"]

@@ -34,6 +34,7 @@ class Compiled:
     kernel: str
     case: str
     constants: str
+    binary: str  # the compiled kernel's hash
     shared: int
     registers: int
     spill_bytes: int
@@ -106,39 +107,50 @@ class Recorder:
         fits = shared <= SHARED_LIMIT[self.arch] and registers <= MAX_REGISTERS
         shown = ("BT", "BK", "BV", "BB", "num_warps", "num_stages")
         constants = " ".join(f"{k}={kwargs[k]}" for k in shown if k in kwargs)
-        self.rows.append(Compiled(kernel.fn.__name__, self.case, constants, shared, registers, spills, fits))
+        row = Compiled(kernel.fn.__name__, self.case, constants, compiled.hash, shared, registers, spills, fits)
+        self.rows.append(row)
         if not fits:
             raise OutOfResources(shared, SHARED_LIMIT[self.arch], "shared memory")
 
 
-def _tensors(dtype, dk, dv):
-    B, H, N = 1, 2, 100
+def _tensors(dtype, dk, dv, N=100):
+    B, H = 1, 2
     q = torch.randn(B, N, H, dk, dtype=dtype).transpose(1, 2)  # strided, as from a projection
     k = torch.randn(B, H, N, dk, dtype=dtype)
     v = torch.randn(B, H, N, dv, dtype=dtype)
     return q, k, v, torch.full((H,), -0.01), torch.randn(B, H, dk, dv)
 
 
-def _chunked(dtype, dk, dv, precision):
+def _chunked(dtype, dk, dv, precision, N=100):
     from . import chunked
 
-    q, k, v, ld, s0 = _tensors(dtype, dk, dv)
+    q, k, v, ld, s0 = _tensors(dtype, dk, dv, N)
     o, _ = chunked.forward(q, k, v, ld, s0, 1.0, True, 64, precision)
     chunked.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, precision)
 
 
-def _recurrent(dtype, dk, dv):
+def _chunked_varlen(dtype, dk, dv, N=100):
+    from . import chunked
+
+    q, k, v, ld, _ = _tensors(dtype, dk, dv, N)
+    cu = torch.tensor([0, N // 3, N])
+    s0 = torch.randn(2, q.shape[1], dk, dv)
+    o, _ = chunked.forward(q, k, v, ld, s0, 1.0, True, 64, "accurate", cu)
+    chunked.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, "accurate", cu)
+
+
+def _recurrent(dtype, dk, dv, N=100):
     from . import recurrent
 
-    q, k, v, ld, s0 = _tensors(dtype, dk, dv)
+    q, k, v, ld, s0 = _tensors(dtype, dk, dv, N)
     recurrent.forward(q, k, v, ld, s0, 1.0, True)
     recurrent.decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0, ld, 1.0, s0)
 
 
-def _fleet(dtype, dk, dv):
+def _fleet(dtype, dk, dv, N=100):
     from . import fleet
 
-    q, k, v, ld, s0 = _tensors(dtype, dk, dv)
+    q, k, v, ld, s0 = _tensors(dtype, dk, dv, N)
     fleet.forward(q, k, v, ld, s0, 1.0, True)
 
 
@@ -156,7 +168,25 @@ def cases(quick: bool):
         precisions = ("accurate", "fast", "ieee") if (dk, dv) == (128, 128) and not quick else ("accurate",)
         out += [(f"chunked {name} {p}", _chunked, (dtype, dk, dv, p)) for p in precisions]
         out += [(f"recurrent+decode {name}", _recurrent, (dtype, dk, dv)), (f"fleet {name}", _fleet, (dtype, dk, dv))]
+    out.append(("chunked varlen bfloat16 128x128", _chunked_varlen, (bf16, 128, 128)))
+    for n in (100, 1024, 1):  # N % 16 == 0 and N == 1 are what Triton would specialise on: no new binary
+        out += [(f"{LENGTHS} N={n} chunked", _chunked, (bf16, 128, 128, "accurate", n))]
+        out += [(f"{LENGTHS} N={n} varlen", _chunked_varlen, (bf16, 128, 128, n))]
+        out += [(f"{LENGTHS} N={n} recurrent", _recurrent, (bf16, 128, 128, n))]
+        out += [(f"{LENGTHS} N={n} fleet", _fleet, (bf16, 128, 128, n))]
     return out
+
+
+LENGTHS = "length"
+
+
+def recompiled(rows: list[Compiled]) -> list[str]:
+    """Kernels (with their constants) that got a second binary for another sequence length."""
+    binaries: dict[tuple[str, str, str], set[str]] = {}
+    for r in rows:
+        if r.case.startswith(LENGTHS):
+            binaries.setdefault((r.kernel, r.constants, r.case.split()[-1]), set()).add(r.binary)
+    return [f"{k[0]} ({k[2]}, {k[1]}): {len(b)} binaries" for k, b in binaries.items() if len(b) > 1]
 
 
 def run(arch: int, quick: bool) -> tuple[list[Compiled], list[str]]:
@@ -179,6 +209,7 @@ def run(arch: int, quick: bool) -> tuple[list[Compiled], list[str]]:
             except Exception as e:  # a compile error, or no variant fits: report it and go on
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 failures.append(f"sm_{arch} {label}: {type(e).__name__}: {first}")
+        failures += [f"sm_{arch} recompiled for a new sequence length: {m}" for m in recompiled(recorder.rows)]
     finally:
         common.COMPILE_ONLY = None
         common._WORKING_VARIANT.clear()
