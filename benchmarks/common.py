@@ -11,7 +11,7 @@ from torch import nn
 
 import leetdecoding as ld
 from leetdecoding.bench.machine import device_name, matmul_gflops
-from leetdecoding.bench.timing import TimingStats, time_call
+from leetdecoding.bench.timing import interleaved  # noqa: F401 - the benchmarks import it from here
 
 
 def header(title: str, device: str = "cpu") -> float:
@@ -21,17 +21,6 @@ def header(title: str, device: str = "cpu") -> float:
     print(f"# {datetime.date.today()}  leetdecoding {ld.__version__}  torch {torch.__version__}")
     print(f"# device: {device_name(device)}, {torch.get_num_threads()} torch threads; torch.mm fp32: {mm:.0f} GFLOP/s")
     return mm
-
-
-def interleaved(cases: dict, rounds: int, warmup: int = 1, device: str = "cpu") -> dict[str, TimingStats]:
-    """Time each case once per round, alternating, so that drift of the machine hits all cases alike."""
-    for fn in cases.values():
-        time_call(fn, repeats=1, warmup=warmup, device=device)
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            times[name] += time_call(fn, repeats=1, warmup=0, device=device).times
-    return {name: TimingStats(t) for name, t in times.items()}
 
 
 class Constant(nn.Module):

@@ -1,8 +1,9 @@
-"""The command line: `leetdecoding info | check | bench`.
+"""The command line: `leetdecoding info | check | bench | tune`.
 
     leetdecoding info                   versions, device, and every method with why it can or cannot run here
     leetdecoding check [--quick]        every method against the fp64 reference; exit status 1 on a failure
     leetdecoding bench [options]        time / memory sweep over N and batch: table, CSV, JSON, plot, history
+    leetdecoding tune [options]         measure this machine and write the table that "auto" uses
 
 rich and matplotlib are imported only when a command runs (`pip install leetdecoding[bench]`).
 """
@@ -119,9 +120,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     console.print(key_value_table("versions", machine.versions()))
     hw = {"cpu": machine.cpu_summary()}
     hw["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "not available"
+    hw["tuning"] = _tuning_summary(device)
     console.print(key_value_table("device", hw))
     console.print(methods_table(ld.list_methods(), device))
     return 0
+
+
+def _tuning_summary(device: str) -> str:
+    from . import tuning
+
+    path = tuning.table_path()
+    if path is None:
+        return f"off ({tuning.ENV}=off): the dispatcher's defaults"
+    values, _ = tuning.lookup(device, torch.float32)
+    if not values:
+        return f"no float32 entry for this {device} in {path}: the dispatcher's defaults (leetdecoding tune)"
+    shown = ", ".join(f"{k}={v}" for k, v in values.items() if k != "measured")
+    return f"{shown} (float32, measured {values.get('measured', '?')}, {path})"
 
 
 # ----- check -----
@@ -254,6 +269,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+# ----- tune -----
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from . import tuning
+    from .bench.tune import DEFAULTS, Plan, measure
+
+    console = _console()
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype]
+    if dtype == torch.float64:
+        raise UsageError("--dtype float64 is the reference dtype; tune float32, float16 or bfloat16")
+    path = Path(args.out).expanduser() if args.out else tuning.table_path()
+    if path is None and not args.dry_run:
+        raise UsageError(f"{tuning.ENV}=off: pass --out PATH or --dry-run")
+    key = tuning.device_key(device)
+    console.print(f"tuning {key}, {args.dtype}: H={args.heads}, D={args.dim}, median of {args.rounds} interleaved")
+    plan = Plan.quick() if args.quick else Plan()
+    values, rows = measure(device, dtype, args.heads, args.dim, args.rounds, plan, progress=console.print)
+
+    t = Table(title="measurements (ms, median)")
+    for col in ("value", "case", "contender", "ms"):
+        t.add_column(col, justify="right" if col == "ms" else "left")
+    for r in rows:
+        t.add_row(r.value, r.case, r.contender, f"{r.median_ms:.3f}")
+    console.print(t)
+    chosen = Table(title="what auto will use")
+    for col in ("value", "default", "measured"):
+        chosen.add_column(col)
+    for name, value in values.items():
+        chosen.add_row(name, str(DEFAULTS[name]), str(value))
+    console.print(chosen)
+    if args.dry_run:
+        console.print("--dry-run: nothing written")
+        return 0
+    written = tuning.save(device, dtype, values, path)
+    console.print(f"written to {written}; auto uses it for {key}, {args.dtype} ({tuning.ENV}=off ignores it)")
+    return 0
+
+
 # ----- parser -----
 
 
@@ -261,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="leetdecoding", description="Exponentially decaying causal linear attention."
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,check,bench}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{info,check,bench,tune}")
 
     info = sub.add_parser("info", help="versions, device, and which methods can run here")
     info.set_defaults(func=cmd_info)
@@ -294,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-history", action="store_true", help="do not append to the history CSV")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("tune", help="measure this machine and write the table that auto uses")
+    t.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    t.add_argument("--dtype", choices=[d for d in DTYPES if d != "float64"], default="float32")
+    t.add_argument("--heads", type=_positive(int), default=8)
+    t.add_argument("--dim", type=_positive(int), default=128, help="head dim of the large-head measurements")
+    t.add_argument("--rounds", type=_positive(int), default=5, help="timed calls per contender, interleaved")
+    t.add_argument("--quick", action="store_true", help="fewer, shorter cases (seconds; for a first look)")
+    t.add_argument("--out", help="table to write (default: $LEETDECODING_TUNING or ~/.cache/leetdecoding/tuning.json)")
+    t.add_argument("--dry-run", action="store_true", help="measure and print; write nothing")
+    t.set_defaults(func=cmd_tune)
     return p
 
 

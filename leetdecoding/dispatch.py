@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import tuning
 from .inputs import AttentionInputs
 from .methods import REGISTRY, Method
 
 ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says method="auto"
 
+# Defaults. `leetdecoding tune` measures VANILLA_MAX_N and the chunk sizes on a machine and writes a table
+# (leetdecoding/tuning.py) whose values replace these for that device and dtype.
+#
 # Below this length the quadratic form is a single matmul and beats the chunked scan on CPU
 # (leetdecoding bench: vanilla vs chunked cross over between N = 128 and 256 at H = 8, D = 128).
 VANILLA_MAX_N = 128
@@ -78,15 +82,24 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62  # unknown: do not refuse
 
 
+def tuned(x: AttentionInputs) -> dict:
+    """This machine's tuned values for the inputs' device and dtype ({} where none were measured)."""
+    return tuning.lookup(x.device, x.dtype)[0]
+
+
 def options_for(method: Method, x: AttentionInputs) -> dict:
     if method.name == "chunked":
-        small = max(x.dk, x.dv) <= SMALL_HEAD_DIM
+        t = tuned(x)
+        if max(x.dk, x.dv) <= SMALL_HEAD_DIM:
+            chunk = t.get("chunk_size_small", CHUNK_SIZE_SMALL_HEAD)
+        else:
+            chunk = t.get("chunk_size_large", CHUNK_SIZE)
         segment = GRAD_SEGMENT_BYTES if x.requires_grad else SEGMENT_BYTES
-        return {"chunk_size": CHUNK_SIZE_SMALL_HEAD if small else CHUNK_SIZE, "segment_bytes": segment}
+        return {"chunk_size": chunk, "segment_bytes": segment}
     if method.name == "fleet":
         return {"budget_bytes": FLEET_BUDGET_BYTES}
     if method.name == "triton_chunked":
-        return {"chunk_size": TRITON_CHUNK_SIZE, "precision": TRITON_PRECISION}
+        return {"chunk_size": tuned(x).get("triton_chunk_size", TRITON_CHUNK_SIZE), "precision": TRITON_PRECISION}
     return {}
 
 
@@ -118,14 +131,17 @@ def priority(x: AttentionInputs) -> tuple[list[str], str]:
 
 
 def _torch_priority(x: AttentionInputs) -> tuple[list[str], str]:
-    if x.seq_len <= VANILLA_MAX_N:
+    values, table = tuning.lookup(x.device, x.dtype)
+    limit = values.get("vanilla_max_n", VANILLA_MAX_N)
+    source = f" (measured on this machine: {table})" if "vanilla_max_n" in values else ""
+    if x.seq_len <= limit:
         return (
             ["vanilla", "chunked", "recursion", "fleet", "recurrent"],
-            f"N={x.seq_len} <= {VANILLA_MAX_N}: the quadratic form is one matmul and fastest at this length",
+            f"N={x.seq_len} <= {limit}{source}: the quadratic form is one matmul and fastest at this length",
         )
     return (
         ["chunked", "recursion", "fleet", "recurrent", "vanilla"],
-        f"N={x.seq_len} > {VANILLA_MAX_N}: chunked does O(N) work in large batched matmuls",
+        f"N={x.seq_len} > {limit}{source}: chunked does O(N) work in large batched matmuls",
     )
 
 

@@ -4,6 +4,7 @@ import os
 # Before leetdecoding is imported: outputs are allocated NaN-filled, so an unwritten row cannot hide.
 os.environ["LEETDECODING_DEBUG_NAN"] = "1"
 os.environ.pop("LEETDECODING_METHOD", None)
+os.environ["LEETDECODING_TUNING"] = "off"  # the dispatcher's defaults, whatever `leetdecoding tune` wrote here
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

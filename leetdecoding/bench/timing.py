@@ -76,3 +76,14 @@ def time_call(
         if budget_s is not None and time.perf_counter() - start > budget_s:
             break
     return TimingStats(times)
+
+
+def interleaved(cases: dict, rounds: int, warmup: int = 1, device: str = "cpu") -> dict[str, TimingStats]:
+    """Time each case once per round, alternating, so that drift of the machine hits all cases alike."""
+    for fn in cases.values():
+        time_call(fn, repeats=1, warmup=warmup, device=device)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            times[name] += time_call(fn, repeats=1, warmup=0, device=device).times
+    return {name: TimingStats(t) for name, t in times.items()}

@@ -1,0 +1,123 @@
+"""`leetdecoding tune`: measure this machine for the values that "auto" uses (see leetdecoding/tuning.py).
+
+Every contender is an exact method (they differ in speed only), timed interleaved, median of `rounds`:
+
+    chunk_size_small / chunk_size_large   chunked at chunks 32 .. 256 (N = 4096), head dim 64 and the given one
+    vanilla_max_n                         vanilla against chunked (with the chunk just found) at N = 32 .. 1024:
+                                          the longest N before chunked first wins (0 if it always wins)
+    triton_chunk_size                     on CUDA with Triton: triton_chunked at chunks 32, 64, 128 (N = 16384)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import leetdecoding as ld
+
+from .. import dispatch
+from ..methods import REGISTRY
+from .timing import interleaved
+
+
+@dataclass
+class Measurement:
+    value: str  # the tuned value this informs
+    case: str  # what was held fixed
+    contender: str
+    median_ms: float
+
+
+@dataclass
+class Plan:
+    chunk_n: int = 4096
+    chunks: tuple[int, ...] = (32, 64, 128, 256)
+    crossover_n: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    triton_n: int = 16384
+    triton_chunks: tuple[int, ...] = (32, 64, 128)
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(chunk_n=512, chunks=(32, 64), crossover_n=(16, 64, 256), triton_n=1024, triton_chunks=(32, 64))
+
+
+def _inputs(n: int, heads: int, dim: int, dtype: torch.dtype, device: str):
+    g = torch.Generator().manual_seed(n + dim)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    return ld.inputs.validate(q, k, v, log_decay=ld.decay.minimax(heads, 0, 12).to(device))
+
+
+def _race(value: str, case: str, contenders: dict[str, Callable], rounds: int, device: str, out: list) -> dict:
+    """Median seconds of each contender, timed interleaved; each also recorded in `out`."""
+    stats = interleaved(contenders, rounds=rounds, device=device)
+    medians = {name: s.median for name, s in stats.items()}
+    out += [Measurement(value, case, name, t * 1e3) for name, t in medians.items()]
+    return medians
+
+
+def _best_chunk(value, x, chunks, rounds, device, out, method="chunked", **fixed) -> int:
+    m = REGISTRY[method]
+    case = f"N={x.seq_len}, D={x.dk}"
+    sizes = [c for c in chunks if c <= max(x.seq_len, 16)]
+    contenders = {f"C={c}": (lambda c=c: m.forward(x, chunk_size=c, **fixed)) for c in sizes}
+    medians = _race(value, case, contenders, rounds, device, out)
+    return int(min(medians, key=medians.get).removeprefix("C="))
+
+
+def measure(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    heads: int = 8,
+    dim: int = 128,
+    rounds: int = 5,
+    plan: Plan | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[dict, list[Measurement]]:
+    """(the values to write, every measurement). Nothing is written here."""
+    plan = plan or Plan()
+    out: list[Measurement] = []
+    values: dict[str, int] = {}
+    segment = {"segment_bytes": dispatch.SEGMENT_BYTES}
+    with torch.no_grad():
+        for name, d in (("chunk_size_small", min(dim, dispatch.SMALL_HEAD_DIM)), ("chunk_size_large", dim)):
+            if name == "chunk_size_large" and dim <= dispatch.SMALL_HEAD_DIM:
+                continue
+            progress(f"{name}: chunked at chunks {plan.chunks}, N={plan.chunk_n}, D={d}")
+            x = _inputs(plan.chunk_n, heads, d, dtype, device)
+            values[name] = _best_chunk(name, x, plan.chunks, rounds, device, out, **segment)
+
+        chunk = values.get("chunk_size_large" if dim > dispatch.SMALL_HEAD_DIM else "chunk_size_small")
+        progress(f"vanilla_max_n: vanilla against chunked (C={chunk}) at N in {plan.crossover_n}")
+        values["vanilla_max_n"] = 0
+        for n in plan.crossover_n:
+            x = _inputs(n, heads, dim, dtype, device)
+            contenders = {
+                "vanilla": lambda x=x: REGISTRY["vanilla"].forward(x),
+                "chunked": lambda x=x: REGISTRY["chunked"].forward(x, chunk_size=chunk, **segment),
+            }
+            medians = _race("vanilla_max_n", f"N={n}, D={dim}", contenders, rounds, device, out)
+            if medians["chunked"] <= medians["vanilla"]:
+                break
+            values["vanilla_max_n"] = n
+
+        triton = REGISTRY["triton_chunked"]
+        if device == "cuda" and not triton.unavailable_reason():
+            progress(f"triton_chunk_size: triton_chunked at chunks {plan.triton_chunks}, N={plan.triton_n}")
+            x = _inputs(plan.triton_n, heads, dim, dtype, device)
+            values["triton_chunk_size"] = _best_chunk(
+                "triton_chunk_size", x, plan.triton_chunks, rounds, device, out, "triton_chunked",
+                precision=dispatch.TRITON_PRECISION,
+            )  # fmt: skip
+    return values, out
+
+
+DEFAULTS = {
+    "chunk_size_small": dispatch.CHUNK_SIZE_SMALL_HEAD,
+    "chunk_size_large": dispatch.CHUNK_SIZE,
+    "vanilla_max_n": dispatch.VANILLA_MAX_N,
+    "triton_chunk_size": dispatch.TRITON_CHUNK_SIZE,
+}
+
+__all__ = ["DEFAULTS", "Measurement", "Plan", "measure"]
