@@ -3,7 +3,9 @@
 #   1. the GPU tests: tests/test_triton.py on CUDA tensors (compiled kernels, bf16, no recompilation, memory,
 #      torch.compile), then the generic reference tests (their Triton rows run on CPU tensors and are skipped);
 #   2. benchmarks/gpu_bench.py: triton_chunked forward and forward+backward and the fused decode step against
-#      fla's simple GLA kernels, transformers' MiniMax loop and the torch chunked method, with a summary.
+#      fla's simple GLA kernels, transformers' MiniMax loop and the torch chunked method, packed sequences,
+#      with a summary;
+#   3. `leetdecoding tune --dry-run` in bf16: which chunk sizes this GPU prefers (nothing written).
 #
 #   bash benchmarks/gpu_check.sh                  # from anywhere; extra arguments go to gpu_bench.py
 #
@@ -39,5 +41,7 @@ echo "## tests/test_methods.py (CPU reference tests; the long cases are left to 
 timeout 150 "$PY" -m pytest tests/test_methods.py -q -x -p no:cacheprovider -k "not 1000 and not long_sequence" || status=1
 echo "## benchmarks/gpu_bench.py"
 timeout 300 "$PY" -m benchmarks.gpu_bench "$@" || status=1
+echo "## leetdecoding tune (bf16, dry run: chunk sizes of chunked and triton_chunked on this GPU)"
+timeout 120 "$PY" -m leetdecoding tune --device cuda --dtype bfloat16 --dry-run || status=1
 echo "## gpu_check exit status: $status"
 exit $status
