@@ -132,11 +132,15 @@ def _tuning_summary(device: str) -> str:
     path = tuning.table_path()
     if path is None:
         return f"off ({tuning.ENV}=off): the dispatcher's defaults"
-    values, _ = tuning.lookup(device, torch.float32)
-    if not values:
-        return f"no float32 entry for this {device} in {path}: the dispatcher's defaults (leetdecoding tune)"
-    shown = ", ".join(f"{k}={v}" for k, v in values.items() if k != "measured")
-    return f"{shown} (float32, measured {values.get('measured', '?')}, {path})"
+    lines = []
+    for name, dtype in DTYPES.items():
+        values, _ = tuning.lookup(device, dtype)
+        if values:
+            shown = ", ".join(f"{k}={v}" for k, v in values.items() if k != "measured")
+            lines.append(f"{name}: {shown} (measured {values.get('measured', '?')})")
+    if not lines:
+        return f"no entry for this {device} in {path}: the dispatcher's defaults (leetdecoding tune)"
+    return "\n".join([str(path), *lines])
 
 
 # ----- check -----
@@ -307,7 +311,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         console.print("--dry-run: nothing written")
         return 0
     written = tuning.save(device, dtype, values, path)
-    console.print(f"written to {written}; auto uses it for {key}, {args.dtype} ({tuning.ENV}=off ignores it)")
+    if written == tuning.table_path():
+        console.print(f"written to {written}; auto uses it for {key}, {args.dtype} ({tuning.ENV}=off ignores it)")
+    else:
+        console.print(f"written to {written}; auto reads {tuning.table_path()}: set {tuning.ENV}={written} to use it")
     return 0
 
 

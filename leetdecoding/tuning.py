@@ -12,6 +12,7 @@ dtype, with any of:
     triton_chunk_size   triton_chunked's chunk
 
 A value missing from the entry keeps its default. A table that cannot be read is ignored with one warning.
+The dispatcher looks the table up on every call: the file is checked for changes at most once a second.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import datetime
 import functools
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -36,17 +38,31 @@ ALLOWED = {
 }
 
 _loaded: dict[str, tuple[tuple, dict]] = {}  # path -> ((modification time, size), entries)
+_checked: dict[str, float] = {}  # path -> time.monotonic() of its last check for changes
 _warned: set[tuple] = set()  # (path, modification time, size) of tables already warned about
+RECHECK_S = 1.0
+
+
+def forget() -> None:
+    """Drop what was read: the next lookup reads the table again (one edited by hand is otherwise picked up
+    within RECHECK_S)."""
+    _loaded.clear()
+    _checked.clear()
 
 
 def table_path() -> Path | None:
     """Where the table is read and written; None when LEETDECODING_TUNING=off."""
-    env = os.environ.get(ENV, "").strip()
+    return _path(os.environ.get(ENV, ""), os.environ.get("XDG_CACHE_HOME", ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _path(env: str, xdg: str) -> Path | None:
+    env = env.strip()
     if env.lower() in ("off", "0", "none"):
         return None
     if env:
         return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache = xdg or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "leetdecoding" / "tuning.json"
 
 
@@ -75,12 +91,18 @@ def dtype_key(dtype: torch.dtype) -> str:
 
 def _read(path: Path) -> dict:
     """The entries of the table at `path` ({} if there is none), cached until the file changes."""
+    key = str(path)
+    cached = _loaded.get(key)
+    now = time.monotonic()
+    if cached is not None and now - _checked.get(key, -RECHECK_S) < RECHECK_S:
+        return cached[1]
+    _checked[key] = now
     try:
         stat = path.stat()
     except OSError:
+        _loaded[key] = ((), {})
         return {}
     version = (stat.st_mtime_ns, stat.st_size)
-    cached = _loaded.get(str(path))
     if cached is not None and cached[0] == version:
         return cached[1]
     try:
@@ -97,7 +119,7 @@ def _read(path: Path) -> dict:
                 stacklevel=3,
             )
         entries = {}
-    _loaded[str(path)] = (version, entries)
+    _loaded[key] = (version, entries)
     return entries
 
 
@@ -116,7 +138,10 @@ def check_values(values: dict) -> dict:
 
 
 def lookup(device: torch.device | str, dtype: torch.dtype) -> tuple[dict, Path | None]:
-    """(the tuned values for this device and dtype, the table they come from); ({}, None) when none apply."""
+    """(the tuned values for this device and dtype, the table they come from); ({}, None) when none apply,
+    and while torch.compile traces a call (a graph does not read files: compiled code keeps the defaults)."""
+    if torch.compiler.is_compiling():
+        return {}, None
     path = table_path()
     if path is None:
         return {}, None
@@ -130,6 +155,7 @@ def save(device: torch.device | str, dtype: torch.dtype, values: dict, path: Pat
     if path is None:
         raise ValueError(f"{ENV}=off: there is no tuning table to write; pass a path or unset {ENV}.")
     check_values(values)
+    forget()  # read what is on disk now
     entries = dict(_read(path)) if path.exists() else {}
     entry = dict(values, measured=datetime.datetime.now().isoformat(timespec="seconds"))
     entries.setdefault(device_key(device), {})[dtype_key(dtype)] = entry
@@ -137,8 +163,8 @@ def save(device: torch.device | str, dtype: torch.dtype, values: dict, path: Pat
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"version": VERSION, "entries": entries}, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
-    _loaded.pop(str(path), None)
+    forget()
     return path
 
 
-__all__ = ["ALLOWED", "ENV", "check_values", "device_key", "dtype_key", "lookup", "save", "table_path"]
+__all__ = ["ALLOWED", "ENV", "check_values", "device_key", "dtype_key", "forget", "lookup", "save", "table_path"]

@@ -471,3 +471,50 @@ def test_fast_precision_is_close(dtype):
     o, _ = REGISTRY["triton_chunked"].forward(x, chunk_size=64, precision="fast")
     err = ((o.double().cpu() - r.o).abs() / r.o_abs.clamp(min=1e-30)).max().item()
     assert err < 8 * TOLERANCE[dtype] + 4e-3, err  # about one more rounding of the operands than "accurate"
+
+
+def test_packed_operator_checks_its_arguments():
+    """The registered operator refuses packed inputs it cannot run (leetdecoding.attention checks first)."""
+    from leetdecoding.methods.triton import ops
+
+    q = torch.randn(2, 4, 10, 16, device=DEVICE)
+    log_decay = torch.log(DECAYS).float().to(DEVICE)
+    cu = torch.tensor([0, 4, 10], device=DEVICE)
+    with pytest.raises(ValueError, match="packed as batch 1; got batch 2"):
+        ops.chunked_fwd(q, q, q, log_decay, None, 1.0, True, 64, "accurate", cu)
+    s0 = torch.zeros(1, 4, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"initial_state must have one row per sequence \(2\)"):
+        ops.chunked_fwd(q[:1], q[:1], q[:1], log_decay, s0, 1.0, True, 64, "accurate", cu)
+
+
+# ----- the split of an fp32 operand ("accurate" precision for 16-bit inputs) -----
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from leetdecoding.methods.triton.common import SPLIT_BF16, SPLIT_TF32, split_hi_lo  # noqa: E402
+
+
+@triton.jit
+def _split_kernel(W, HI, LO, MODE: tl.constexpr):
+    o = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    hi, lo = split_hi_lo(tl.load(W + o), MODE)
+    tl.store(HI + o, hi.to(tl.float32))
+    tl.store(LO + o, lo.to(tl.float32))
+
+
+@pytest.mark.parametrize("mode", [SPLIT_TF32, SPLIT_BF16], ids=["tf32", "bf16"])
+def test_split_of_an_fp32_operand(mode):
+    g = torch.Generator().manual_seed(mode)
+    w = (torch.randn(256, generator=g, dtype=torch.float64) * 10 ** torch.linspace(-30, 30, 256)).float().to(DEVICE)
+    hi, lo = torch.empty_like(w), torch.empty_like(w)
+    _split_kernel[(1,)](w, hi, lo, MODE=mode)
+    if mode == SPLIT_TF32:  # hi exact in TF32 (10 mantissa bits), lo the exact remainder
+        assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()
+        assert torch.equal(hi + lo, w)
+    else:  # both parts bf16; what is left is below 2^-16 |w| (rounding, GPU) or 2^-14 |w| (the interpreter truncates)
+        for part in (hi, lo):
+            assert torch.equal(part, part.bfloat16().float())
+        left = (w.double() - hi.double() - lo.double()).abs()
+        assert (left <= 2.0 ** (-16 if CUDA else -14) * w.double().abs()).all()
+        assert (lo != 0).any()  # the low part carries something

@@ -75,6 +75,7 @@ def test_unreadable_table_warns_once_and_keeps_defaults(table):
         assert tuning.lookup("cpu", torch.float32) == ({}, None)
     bad = {tuning.device_key("cpu"): {"float32": {"vanilla_max_n": -3}}}
     table.write_text(json.dumps({"version": 1, "entries": bad}))
+    tuning.forget()  # edited by hand: otherwise picked up within a second
     with pytest.warns(UserWarning, match="vanilla_max_n must be an int"):
         assert ld.explain(*qkv(100), 0.9).method == "vanilla"  # the default 128, not the table's -3
 
@@ -87,6 +88,24 @@ def test_tune_command_writes_what_auto_reads(table, capsys):
     assert source == table
     assert values["vanilla_max_n"] in (0, 16, 64, 256) and values["chunk_size_small"] in (32, 64)
     assert "chunk_size_large" not in values  # dim 32 is a small head: one chunk size measured
+
+
+def test_tune_out_elsewhere_says_how_to_use_it(table, tmp_path, capsys):
+    other = tmp_path / "elsewhere.json"
+    args = ["tune", "--device", "cpu", "--quick", "--rounds", "1", "--heads", "1", "--dim", "16", "--out", str(other)]
+    assert main(args) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert other.exists() and not table.exists() and f"set {tuning.ENV}={other}" in out
+
+
+def test_a_table_edited_by_hand_is_read_again(table, monkeypatch):
+    tuning.save("cpu", torch.float32, {"vanilla_max_n": 512})
+    assert tuning.lookup("cpu", torch.float32)[0]["vanilla_max_n"] == 512
+    monkeypatch.setattr(tuning, "RECHECK_S", 0.0)  # the next lookup checks the file
+    data = json.loads(table.read_text())
+    data["entries"][tuning.device_key("cpu")]["float32"]["vanilla_max_n"] = 32
+    table.write_text(json.dumps(data) + " ")  # (a different size: seen even within the file system's time step)
+    assert tuning.lookup("cpu", torch.float32)[0]["vanilla_max_n"] == 32
 
 
 def test_tune_dry_run_and_off(table, monkeypatch, capsys):
@@ -102,7 +121,23 @@ def test_tune_dry_run_and_off(table, monkeypatch, capsys):
 
 def test_info_shows_the_table_in_use(table, capsys):
     main(["info"])
-    assert "no float32 entry" in capsys.readouterr().out
+    assert "no entry for this cpu" in capsys.readouterr().out
     tuning.save("cpu", torch.float32, {"vanilla_max_n": 512})
-    main(["info"])
-    assert "vanilla_max_n=512" in capsys.readouterr().out
+    tuning.save("cpu", torch.bfloat16, {"chunk_size_large": 32})
+    out = capsys.readouterr().out if main(["info"]) == 0 else ""
+    assert "float32: vanilla_max_n=512" in out and "bfloat16: chunk_size_large=32" in out
+
+
+def test_compiled_calls_trace_without_reading_the_table(table):
+    """With a table present, torch.compile(fullgraph=True) still traces `attention` (no file access in the graph;
+    compiled code keeps the defaults) and agrees with eager."""
+    tuning.save("cpu", torch.float32, {"vanilla_max_n": 512})
+    torch._dynamo.reset()
+    q, k, v = qkv(300)
+
+    def f(q, k, v):
+        return ld.attention(q, k, v, 0.9)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    r = reference(q, k, v, torch.tensor([0.9, 0.9], dtype=torch.float64))
+    assert_close("compiled", compiled(q, k, v), r.o, r.o_abs, torch.float32)

@@ -365,6 +365,25 @@ def chunked_bwd_dv_kernel(
 # ----- host side -----
 
 
+def _check_packed(q: torch.Tensor, cu_seqlens: torch.Tensor | None, **states: torch.Tensor | None) -> int:
+    """Rows of the per-sequence states: B, or with `cu_seqlens` the number of packed sequences S. These are the
+    operators' own checks (leetdecoding.attention validates more before it gets here); no device sync."""
+    if cu_seqlens is None:
+        return q.shape[0]
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != q.device:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with S + 1 >= 2 offsets on {q.device}; got shape {tuple(cu_seqlens.shape)} "
+            f"on {cu_seqlens.device}."
+        )
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k, v must be packed as batch 1; got batch {q.shape[0]}.")
+    rows = cu_seqlens.numel() - 1
+    for name, state in states.items():
+        if state is not None and state.shape[0] != rows:
+            raise ValueError(f"{name} must have one row per sequence ({rows}); got shape {tuple(state.shape)}.")
+    return rows
+
+
 def _fwd_tiles(dk: int, dv: int) -> tuple[int, int]:
     bk = dim_block(dk)
     bv = dim_block(dv)
@@ -407,7 +426,7 @@ def forward(
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     acc = torch_acc_dtype(q.dtype)
-    rows = B if cu_seqlens is None else cu_seqlens.numel() - 1  # programs per head: batch rows or sequences
+    rows = _check_packed(q, cu_seqlens, initial_state=initial_state)  # programs per head: batch rows or sequences
     o = empty_output((B, H, N, Dv), q.dtype, q.device)
     final = torch.empty((rows, H, Dk, Dv) if output_final_state else (0,), dtype=acc, device=q.device)
     fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
@@ -427,8 +446,9 @@ def forward(
             VARLEN=cu_seqlens is not None, num_warps=warps(bk * bv), num_stages=stages,
         )  # fmt: skip
 
-    key = ("fwd", Dk, Dv, q.dtype, chunk_size, precision, initial_state is not None, output_final_state, rows != B)
-    # head dims over 128: chunks of 32 at most on the GPU (as in the backward), or the tiles spill registers
+    key = ("fwd", Dk, Dv, q.dtype, chunk_size, precision, initial_state is not None, output_final_state)
+    key += (cu_seqlens is not None,)
+    # head dims over 128: chunks of 32 at most on the GPU, as in the backward (smaller register tiles, fewer spills)
     bt = chunk_size if INTERPRET or bk <= 128 else min(chunk_size, 32)
     launch(key, chunk_variants(bt, _stages(q.dtype)), run)
     if fp64 and scale != 1.0:
@@ -451,7 +471,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dq, dk, dv, dlog_decay, dinitial_state or None). `final_state` is needed when `dfinal` is given."""
     B, H, N, Dk = q.shape
-    rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    rows = _check_packed(q, cu_seqlens, initial_state=initial_state, final_state=final_state, dfinal=dfinal)
     Dv = v.shape[-1]
     acc = torch_acc_dtype(q.dtype)
     if q.dtype == torch.float64:  # an fp64 scale applied to do here rather than as an fp32 kernel argument

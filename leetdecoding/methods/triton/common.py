@@ -26,7 +26,8 @@ SUM = tl.standard._sum_combine
 
 # Accuracy of the tl.dot calls that meet an fp32 operand (decayed scores, a state) and an input tile:
 #   "accurate": about fp32 accuracy (default). fp32 inputs: three TF32 tensor-core products (tf32x3); 16-bit
-#               inputs: the fp32 operand split as hi + lo, two products with the input tile exact (~2^-16);
+#               inputs: the fp32 operand split as hi + lo (`split_hi_lo`), two products with the input tile
+#               exact (about 2^-17 relative for bf16, 2^-21 for fp16);
 #   "ieee":     true fp32 products (CUDA cores, slowest);
 #   "fast":     the fp32 operand rounded to the input dtype (TF32 for fp32 inputs), one product, as fla does:
 #               fastest, about one rounding of the input dtype more error than the contract's tolerance allows.
@@ -37,29 +38,36 @@ WIDE, SPLIT_BF16, SPLIT_TF32, LOW = 0, 1, 2, 3
 
 
 @triton.jit
-def mixed_dot(w, x, W_FIRST: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """w @ x (W_FIRST) or x @ w, for w in the accumulation dtype and x a tile of the inputs (any dtype).
-
-    WIDE: x widened to w's dtype, one dot at PREC. LOW: w rounded to x's dtype, one native dot.
-    SPLIT_BF16 / SPLIT_TF32: w = hi + lo with both parts exact in the operand type (bf16, or TF32: w with its 13
-    low mantissa bits cleared), and two dots in which x is exact (16-bit inputs are exact in TF32).
-    """
-    # (one return at the end: the compiler does not stop at a return inside a branch)
+def split_hi_lo(w, MODE: tl.constexpr):
+    """w (fp32) as hi + lo for `mixed_dot`'s split modes. SPLIT_BF16 (1): hi and lo in bf16, w - hi - lo about
+    2^-17 |w|. SPLIT_TF32 (2): hi = w with its 13 low mantissa bits cleared (exact in TF32) and lo = w - hi exactly
+    in fp32; the TF32 product rounds lo once more (about 2^-21 |w| in all)."""
     if MODE == 1:
         hi = w.to(tl.bfloat16)
         lo = (w - hi.to(tl.float32)).to(tl.bfloat16)
-        if W_FIRST:
-            out = tl.dot(hi, x) + tl.dot(lo, x)
-        else:
-            out = tl.dot(x, hi) + tl.dot(x, lo)
-    elif MODE == 2:
+    else:
         hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
         lo = w - hi
-        xf = x.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def mixed_dot(w, x, W_FIRST: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """w @ x (W_FIRST) or x @ w, for w in the accumulation dtype and x a tile of the inputs (any dtype).
+
+    WIDE (0): x widened to w's dtype, one dot at PREC. LOW (3): w rounded to x's dtype, one native dot.
+    SPLIT_BF16 (1) / SPLIT_TF32 (2): w split by `split_hi_lo` and two dots in which x is exact (16-bit inputs are
+    exact in TF32): about 2^-17 (bf16) or 2^-21 (TF32) relative error per product.
+    """
+    # (one return at the end: the compiler does not stop at a return inside a branch)
+    if MODE == 1 or MODE == 2:
+        hi, lo = split_hi_lo(w, MODE)
+        if MODE == 2:
+            x = x.to(tl.float32)
         if W_FIRST:
-            out = tl.dot(hi, xf, input_precision="tf32") + tl.dot(lo, xf, input_precision="tf32")
+            out = tl.dot(hi, x, input_precision="tf32") + tl.dot(lo, x, input_precision="tf32")
         else:
-            out = tl.dot(xf, hi, input_precision="tf32") + tl.dot(xf, lo, input_precision="tf32")
+            out = tl.dot(x, hi, input_precision="tf32") + tl.dot(x, lo, input_precision="tf32")
     elif MODE == 3:
         w = w.to(x.dtype)
         if W_FIRST:
@@ -224,6 +232,7 @@ __all__ = [
     "decay_power",
     "round_bf16",
     "round_to_bf16",
+    "split_hi_lo",
     "dim_block",
     "dot_flags",
     "empty_output",
