@@ -31,6 +31,7 @@ class AttentionInputs:
     output_final_state: bool
     cu_seqlens: list[int] | None = None  # packed sequences: sequence i is tokens [cu[i], cu[i+1]), batch 1
     checkpoints: list[int] | None = None  # also return the state after each of these many tokens
+    cu_seqlens_tensor: torch.Tensor | None = None  # the caller's offsets tensor, for kernels that read them
 
     @property
     def num_sequences(self) -> int:
@@ -204,6 +205,7 @@ def validate(
         output_final_state=output_final_state,
         cu_seqlens=offsets,
         checkpoints=check_checkpoints(state_checkpoints, N),
+        cu_seqlens_tensor=None if offsets is None else cu_seqlens,
     )
 
 

@@ -140,7 +140,8 @@ def test_varlen_and_checkpoints_through_attention():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_varlen_is_one_call(dtype, monkeypatch):
-    """Packed sequences without checkpoints: one call of the method (one launch), every sequence exact."""
+    """Packed sequences without checkpoints (int32 offsets, read by the kernel as given): one call of the method
+    (one launch), every sequence exact."""
     method = REGISTRY["triton_chunked"]
     calls = []
     forward = method.forward
@@ -151,7 +152,8 @@ def test_native_varlen_is_one_call(dtype, monkeypatch):
     qd, kd, vd = (t.to(dtype).to(DEVICE) for t in (q, k, v))
     o, final = ld.attention(
         qd.transpose(1, 2).contiguous().transpose(1, 2), kd, vd, DECAYS, method="triton_chunked",
-        cu_seqlens=torch.tensor(cu, device=DEVICE), initial_state=states0.float().to(DEVICE), output_final_state=True,
+        cu_seqlens=torch.tensor(cu, device=DEVICE, dtype=torch.int32), initial_state=states0.float().to(DEVICE),
+        output_final_state=True,
     )  # fmt: skip
     assert calls == [cu]
     for i, (a, b) in enumerate(zip(cu, cu[1:])):

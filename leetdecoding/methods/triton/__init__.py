@@ -76,7 +76,9 @@ class TritonChunked(TritonMethod):
             raise ValueError(f"triton_chunked: chunk_size must be 16, 32, 64 or 128; got {chunk_size}.")
         from . import ops
 
-        cu = None if x.cu_seqlens is None else torch.tensor(x.cu_seqlens, dtype=torch.int64, device=x.device)
+        cu = x.cu_seqlens_tensor  # the caller's offsets where they already are on the device, else a copy
+        if x.cu_seqlens is not None and (cu is None or cu.device != x.device):
+            cu = torch.tensor(x.cu_seqlens, dtype=torch.int64, device=x.device)
         o, final = ops.chunked_fwd(
             x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state, chunk_size, precision, cu
         )
