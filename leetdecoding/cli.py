@@ -280,7 +280,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from . import tuning
-    from .bench.tune import DEFAULTS, Plan, measure
+    from .bench.tune import Plan, measure
+    from .dispatch import TUNABLE
 
     console = _console()
     device = _device(args.device)
@@ -305,7 +306,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for col in ("value", "default", "measured"):
         chosen.add_column(col)
     for name, value in values.items():
-        chosen.add_row(name, str(DEFAULTS[name]), str(value))
+        chosen.add_row(name, str(TUNABLE[name]), str(value))
     console.print(chosen)
     if args.dry_run:
         console.print("--dry-run: nothing written")

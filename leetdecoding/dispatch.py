@@ -43,6 +43,13 @@ GRAD_SEGMENT_BYTES = 32 << 20
 TRITON_FIRST_ON_CUDA = ["triton_chunked", "triton_recurrent", "triton_fleet"]
 TRITON_CHUNK_SIZE = 64
 TRITON_PRECISION = "accurate"
+# The values `leetdecoding tune` may replace (leetdecoding/tuning.py), with their defaults.
+TUNABLE = {
+    "vanilla_max_n": VANILLA_MAX_N,
+    "chunk_size_small": CHUNK_SIZE_SMALL_HEAD,
+    "chunk_size_large": CHUNK_SIZE,
+    "triton_chunk_size": TRITON_CHUNK_SIZE,
+}
 # Working memory per group of rank-one terms in fleet.
 FLEET_BUDGET_BYTES = 64 << 20
 # A plan may use at most this fraction of the memory available on the device.
@@ -82,24 +89,24 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62  # unknown: do not refuse
 
 
-def tuned(x: AttentionInputs) -> dict:
-    """This machine's tuned values for the inputs' device and dtype ({} where none were measured)."""
-    return tuning.lookup(x.device, x.dtype)[0]
+def setting(name: str, x: AttentionInputs) -> tuple[int, str]:
+    """A TUNABLE value for these inputs: (value, where it comes from: this machine's table, or the default)."""
+    values, table = tuning.lookup(x.device, x.dtype)
+    if name in values:
+        return values[name], f"measured on this machine: {table}"
+    return TUNABLE[name], "default"
 
 
 def options_for(method: Method, x: AttentionInputs) -> dict:
     if method.name == "chunked":
-        t = tuned(x)
-        if max(x.dk, x.dv) <= SMALL_HEAD_DIM:
-            chunk = t.get("chunk_size_small", CHUNK_SIZE_SMALL_HEAD)
-        else:
-            chunk = t.get("chunk_size_large", CHUNK_SIZE)
+        small = max(x.dk, x.dv) <= SMALL_HEAD_DIM
+        chunk = setting("chunk_size_small" if small else "chunk_size_large", x)[0]
         segment = GRAD_SEGMENT_BYTES if x.requires_grad else SEGMENT_BYTES
         return {"chunk_size": chunk, "segment_bytes": segment}
     if method.name == "fleet":
         return {"budget_bytes": FLEET_BUDGET_BYTES}
     if method.name == "triton_chunked":
-        return {"chunk_size": tuned(x).get("triton_chunk_size", TRITON_CHUNK_SIZE), "precision": TRITON_PRECISION}
+        return {"chunk_size": setting("triton_chunk_size", x)[0], "precision": TRITON_PRECISION}
     return {}
 
 
@@ -131,9 +138,8 @@ def priority(x: AttentionInputs) -> tuple[list[str], str]:
 
 
 def _torch_priority(x: AttentionInputs) -> tuple[list[str], str]:
-    values, table = tuning.lookup(x.device, x.dtype)
-    limit = values.get("vanilla_max_n", VANILLA_MAX_N)
-    source = f" (measured on this machine: {table})" if "vanilla_max_n" in values else ""
+    limit, source = setting("vanilla_max_n", x)
+    source = "" if source == "default" else f" ({source})"
     if x.seq_len <= limit:
         return (
             ["vanilla", "chunked", "recursion", "fleet", "recurrent"],

@@ -27,6 +27,12 @@ def qkv(n, d=32, dtype=torch.float32):
     return [torch.randn(1, 2, n, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
 
 
+def test_every_tunable_default_is_an_allowed_value():
+    assert set(tuning.ALLOWED) == set(dispatch.TUNABLE)
+    for name, default in dispatch.TUNABLE.items():
+        assert default in tuning.ALLOWED[name], name
+
+
 def test_off_and_missing_table_mean_defaults(table, monkeypatch):
     assert tuning.lookup("cpu", torch.float32) == ({}, None)  # no file yet
     tuning.save("cpu", torch.float32, {"vanilla_max_n": 512})

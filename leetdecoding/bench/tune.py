@@ -49,11 +49,11 @@ def _inputs(n: int, heads: int, dim: int, dtype: torch.dtype, device: str):
     return ld.inputs.validate(q, k, v, log_decay=ld.decay.minimax(heads, 0, 12).to(device))
 
 
-def _race(value: str, case: str, contenders: dict[str, Callable], rounds: int, device: str, out: list) -> dict:
-    """Median seconds of each contender, timed interleaved; each also recorded in `out`."""
+def _race(value: str, case: str, contenders: dict, rounds: int, device: str, out: list, label=str) -> dict:
+    """Median seconds of each contender, timed interleaved; each also recorded in `out` as `label(key)`."""
     stats = interleaved(contenders, rounds=rounds, device=device)
-    medians = {name: s.median for name, s in stats.items()}
-    out += [Measurement(value, case, name, t * 1e3) for name, t in medians.items()]
+    medians = {key: s.median for key, s in stats.items()}
+    out += [Measurement(value, case, label(key), t * 1e3) for key, t in medians.items()]
     return medians
 
 
@@ -61,9 +61,9 @@ def _best_chunk(value, x, chunks, rounds, device, out, method="chunked", **fixed
     m = REGISTRY[method]
     case = f"N={x.seq_len}, D={x.dk}"
     sizes = [c for c in chunks if c <= max(x.seq_len, 16)]
-    contenders = {f"C={c}": (lambda c=c: m.forward(x, chunk_size=c, **fixed)) for c in sizes}
-    medians = _race(value, case, contenders, rounds, device, out)
-    return int(min(medians, key=medians.get).removeprefix("C="))
+    contenders = {c: (lambda c=c: m.forward(x, chunk_size=c, **fixed)) for c in sizes}
+    medians = _race(value, case, contenders, rounds, device, out, label=lambda c: f"C={c}")
+    return min(medians, key=medians.get)
 
 
 def measure(
@@ -113,11 +113,4 @@ def measure(
     return values, out
 
 
-DEFAULTS = {
-    "chunk_size_small": dispatch.CHUNK_SIZE_SMALL_HEAD,
-    "chunk_size_large": dispatch.CHUNK_SIZE,
-    "vanilla_max_n": dispatch.VANILLA_MAX_N,
-    "triton_chunk_size": dispatch.TRITON_CHUNK_SIZE,
-}
-
-__all__ = ["DEFAULTS", "Measurement", "Plan", "measure"]
+__all__ = ["Measurement", "Plan", "measure"]

@@ -446,8 +446,8 @@ def forward(
             VARLEN=cu_seqlens is not None, num_warps=warps(bk * bv), num_stages=stages,
         )  # fmt: skip
 
-    key = ("fwd", Dk, Dv, q.dtype, chunk_size, precision, initial_state is not None, output_final_state)
-    key += (cu_seqlens is not None,)
+    packed = cu_seqlens is not None
+    key = ("fwd", Dk, Dv, q.dtype, chunk_size, precision, initial_state is not None, output_final_state, packed)
     # head dims over 128: chunks of 32 at most on the GPU, as in the backward (smaller register tiles, fewer spills)
     bt = chunk_size if INTERPRET or bk <= 128 else min(chunk_size, 32)
     launch(key, chunk_variants(bt, _stages(q.dtype)), run)
