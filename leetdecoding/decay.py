@@ -17,6 +17,7 @@ from .memo import TensorMemo
 
 __all__ = [
     "canonical_log_decay",
+    "finite_log",
     "from_decay",
     "from_rate",
     "to_decay",
@@ -93,7 +94,20 @@ def _canonical(decay, log_decay, heads: int, device: torch.device, dtype: torch.
                 "Hint: for a positive rate s, pass log_decay=-s."
             )
         log = t
-    return log.to(device=device, dtype=dtype).expand(heads).contiguous()
+    return finite_log(log.to(device=device, dtype=dtype)).expand(heads).contiguous()
+
+
+def finite_log(log: torch.Tensor) -> torch.Tensor:
+    """log lambda clamped to the dtype's most negative finite number (in place of -inf).
+
+    A log decay below about -88 (fp32) is lambda = 0 to the dtype, and every such value gives the same results,
+    but -inf (e.g. -1e300 converted to fp32) turns the exponent of the factor lambda^0 = 1 into -inf * 0 = NaN.
+    Clamped, log lambda * e is 0 for e = 0 and at most overflows to -inf (whose exp is 0) for e > 0, so every
+    table built from it is exact. The gradient passes through unclamped entries; a clamped entry has lambda = 0,
+    where every decay factor's derivative is 0 anyway. Anything derived from log lambda that is used as a log
+    decay again (lambda^m at a coarser level of a scan) goes through this function too.
+    """
+    return log.clamp(min=torch.finfo(log.dtype).min)
 
 
 def from_decay(decay) -> torch.Tensor:

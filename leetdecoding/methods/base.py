@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..decay import finite_log
 from ..inputs import AttentionInputs
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -111,42 +112,50 @@ def head_log_decay(x: AttentionInputs) -> torch.Tensor:
     return x.log_decay.view(1, -1, 1, 1)
 
 
-def decay_factor(log_factor: torch.Tensor) -> torch.Tensor:
-    """exp of a non-positive exponent, with factors below eps^2 of the dtype set to exactly 0.
+def decay_factor(log_decay: torch.Tensor, exponent: torch.Tensor | int = 1) -> torch.Tensor:
+    """lambda^e = exp(e log lambda) for exponents e >= 0 (an int, or a tensor broadcasting against log_decay),
+    in log_decay's dtype, with factors below the dtype's smallest normal number set to exactly 0.
 
-    Such a factor changes no result at the dtype's precision, but left as it is, it makes products that fall
-    into the subnormal range, which CPUs compute many times slower (a fast-decaying head at long chunks).
-    fp32 exponents are exponentiated in fp64: the factors are small tables, and torch's multi-threaded fp32 exp
-    was measured on this project's CPU machine to return values off by 1.5e-4 now and then (one worker thread,
-    after a large matmul), where fp64 stayed exact.
+    fp32 is computed in fp64, the product e log lambda included: rounded to fp32 first, an exponent of -44
+    (lambda = 0.5, e = 63) is off by 2.6e-6, and exp turns that into a relative error of 2.6e-6, larger than the
+    fp32 tolerance, in a factor that can be the whole of an output element (o_t = lambda^t when only token 0
+    matches q_t). The factors are small tables; torch's multi-threaded fp32 exp was also measured on this
+    project's CPU machine to return values off by 1.5e-4 now and then, where fp64 stayed exact.
+    Only what the dtype cannot hold as a normal number is flushed: a subnormal factor makes the CPU's arithmetic
+    many times slower and has lost precision anyway, while a larger factor, however small, can still be the
+    whole of an output element. log lambda is the canonical, finite one (`decay.finite_log`), so an exponent 0
+    gives exactly 1, never -inf * 0 = NaN.
     """
-    f = torch.exp(log_factor.double() if log_factor.dtype == torch.float32 else log_factor)
-    f = torch.where(f < torch.finfo(log_factor.dtype).eps ** 2, torch.zeros_like(f), f)
-    return f.to(log_factor.dtype)
+    wide = log_decay.double() if log_decay.dtype == torch.float32 else log_decay
+    if isinstance(exponent, torch.Tensor):
+        exponent = exponent.to(wide.dtype)
+    f = torch.exp(wide * exponent)
+    f = torch.where(f < torch.finfo(log_decay.dtype).tiny, torch.zeros_like(f), f)
+    return f.to(log_decay.dtype)
 
 
 def decay_powers(log_decay: torch.Tensor, exponents: torch.Tensor, ndim: int = 4) -> torch.Tensor:
     """lambda^e for non-negative exponents e (n,), shaped (1, H, 1.., n, 1) with `ndim` dims."""
     mid = (1,) * (ndim - 4)
-    return decay_factor(log_decay.view(1, -1, *mid, 1, 1) * exponents.view(1, 1, *mid, -1, 1))
+    return decay_factor(log_decay.view(1, -1, *mid, 1, 1), exponents.view(1, 1, *mid, -1, 1))
 
 
 def causal_decay_matrix(log_decay: torch.Tensor, n: int) -> torch.Tensor:
     """D[h, t, s] = lambda_h^(t - s) for s <= t, else 0; shaped (1, H, n, n)."""
-    idx = torch.arange(n, device=log_decay.device, dtype=log_decay.dtype)
+    idx = torch.arange(n, device=log_decay.device, dtype=torch.float64)
     diff = idx[:, None] - idx[None, :]
-    d = decay_factor(log_decay.view(1, -1, 1, 1) * diff.clamp(min=0))
+    d = decay_factor(log_decay.view(1, -1, 1, 1), diff.clamp(min=0))
     return d.masked_fill(diff < 0, 0.0)
 
 
 def positions(n: int, x: AttentionInputs, start: int = 0) -> torch.Tensor:
-    return torch.arange(start, start + n, device=x.device, dtype=x.compute_dtype)
+    return torch.arange(start, start + n, device=x.device, dtype=torch.float64)  # exact past 2^24 tokens
 
 
 def state_contribution(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
     """sum_s lambda^(n-1-s) k_s^T v_s over the n rows of k (B, H, ..., n, Dk) and v: the state a block leaves."""
     n = k.shape[-2]
-    e = torch.arange(n - 1, -1, -1, device=k.device, dtype=k.dtype)
+    e = torch.arange(n - 1, -1, -1, device=k.device, dtype=torch.float64)
     return (k * decay_powers(log_decay, e, k.ndim)).transpose(-1, -2) @ v
 
 
@@ -154,7 +163,7 @@ def final_state(x: AttentionInputs, k: torch.Tensor, v: torch.Tensor) -> torch.T
     """State after the whole sequence: lambda^N S_init + sum_s lambda^(N-1-s) k_s^T v_s (compute dtype)."""
     s = state_contribution(k, v, x.log_decay)
     if x.initial_state is not None:
-        s = s + decay_factor(head_log_decay(x) * x.seq_len) * x.initial_state
+        s = s + decay_factor(head_log_decay(x), x.seq_len) * x.initial_state
     return s
 
 
@@ -217,7 +226,8 @@ def discounted_cumsum(x: torch.Tensor, log_decay: torch.Tensor, initial: torch.T
     xb = F.pad(x, (0, 0, 0, nb * SCAN_BLOCK - n)).unflatten(-2, (nb, SCAN_BLOCK))
     y = _expand(causal_decay_matrix(log_decay, SCAN_BLOCK), xb.ndim) @ xb
     # value at the end of each block, then the same scan one level up with lambda^SCAN_BLOCK
-    ends = discounted_cumsum(y[..., -1, :], log_decay * SCAN_BLOCK, initial)
+    # (clamped: lambda^SCAN_BLOCK of a tiny lambda overflows its log to -inf, which the next level multiplies by 0)
+    ends = discounted_cumsum(y[..., -1, :], finite_log(log_decay * SCAN_BLOCK), initial)
     before = ends[..., :-1, :]
     if initial is not None:
         before = torch.cat((initial.unsqueeze(-2), before), dim=-2)

@@ -61,7 +61,7 @@ def decays(log_decay: torch.Tensor, c: int) -> Decays:
             causal_decay_matrix(log_decay, c).unsqueeze(2),
             decay_powers(log_decay, idx + 1).unsqueeze(2),
             decay_powers(log_decay, c - 1 - idx).unsqueeze(2),
-            decay_factor(log_decay * c).view(1, -1, 1, 1),
+            decay_factor(log_decay, c).view(1, -1, 1, 1),
         )
 
     return _DECAYS.get(log_decay, (c,), build)

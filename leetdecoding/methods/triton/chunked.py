@@ -38,6 +38,7 @@ from .common import (
     mixed_dot,
     round_bf16,
     round_to_bf16,
+    split_log_decay,
     strides,
     torch_acc_dtype,
     warps,
@@ -49,29 +50,35 @@ _NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh"]
 
 @triton.jit
 def _head_decays(LOG_DECAY, DECAY, H, BT: tl.constexpr, ACC: tl.constexpr):
-    """This program's batch * head index (first grid axis), batch and head (64-bit), and its decays: g = log lambda,
-    lambda^BT = c_hi + c_lo (accurate: it compounds over chunks), b_d[i, j] = lambda^(i-j) for j <= i else 0,
-    b_dq[i] = lambda^(i+1). Exp of non-positive numbers only."""
+    """This program's batch * head index (first grid axis), batch and head (64-bit), and its decays: log lambda
+    as g_hi + g_lo (`split_log_decay`), lambda^BT = c_hi + c_lo (accurate: it compounds over chunks),
+    b_d[i, j] = lambda^(i-j) for j <= i else 0, b_dq[i] = lambda^(i+1). Exp of non-positive numbers only,
+    lambda^e always as exp(g_hi e) * exp(g_lo e) (written out: a nested jit call costs in the interpreter)."""
     i_bh = tl.program_id(0)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    g = tl.load(LOG_DECAY + i_h).to(ACC)
+    g_hi = tl.load(LOG_DECAY + 2 * i_h).to(ACC)
+    g_lo = tl.load(LOG_DECAY + 2 * i_h + 1).to(ACC)
     c_hi = tl.load(DECAY + 2 * i_h)
     c_lo = tl.load(DECAY + 2 * i_h + 1)
     o_t = tl.arange(0, BT)
     m_ij = o_t[:, None] >= o_t[None, :]
-    b_d = tl.where(m_ij, tl.exp(g * tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)), 0)
-    b_dq = tl.exp(g * (o_t + 1).to(ACC))
-    return i_bh.to(tl.int64), i_b, i_h, g, c_hi, c_lo, b_d, b_dq
+    e_d = tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)
+    b_d = tl.where(m_ij, tl.exp(g_hi * e_d) * tl.exp(g_lo * e_d), 0)
+    e_q = (o_t + 1).to(ACC)
+    b_dq = tl.exp(g_hi * e_q) * tl.exp(g_lo * e_q)
+    return i_bh.to(tl.int64), i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq
 
 
 @triton.jit
-def _chunk_end_decays(g, c_hi, c_lo, n_c, BT: tl.constexpr, ACC: tl.constexpr):
+def _chunk_end_decays(g_hi, g_lo, c_hi, c_lo, n_c, BT: tl.constexpr, ACC: tl.constexpr):
     """For a chunk of n_c tokens: lambda^(n_c-1-j) per row j (rows past n_c hold zeros anyway) and lambda^n_c as
     f_hi + f_lo (the host's accurate pair for a full chunk)."""
     o_t = tl.arange(0, BT)
-    b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
-    f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))
+    e_k = tl.maximum(n_c - 1 - o_t, 0).to(ACC)
+    b_kd = tl.exp(g_hi * e_k) * tl.exp(g_lo * e_k)
+    e_c = n_c.to(ACC)
+    f_hi = tl.where(n_c == BT, c_hi, tl.exp(g_hi * e_c) * tl.exp(g_lo * e_c))
     f_lo = tl.where(n_c == BT, c_lo, 0)
     return b_kd, f_hi, f_lo
 
@@ -105,7 +112,7 @@ def chunked_fwd_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
     ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
-    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_bh, i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_v = tl.program_id(1)
 
@@ -134,7 +141,7 @@ def chunked_fwd_kernel(
         b_k = tl.load(p_k0 + r_t[None, :] * skn, mask=m_k[:, None] & m_t[None, :], other=0)  # (BK, BT)
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
         n_c = tl.minimum(T - i_c * BT, BT)  # tokens in this chunk
-        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
+        b_kd, f_hi, f_lo = _chunk_end_decays(g_hi, g_lo, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_a = tl.dot(b_q, b_k)
         else:
@@ -173,7 +180,7 @@ def chunked_bwd_dq_kernel(
     ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dq for one Dk block (all of Dv), walking forwards with S^T (Dv x BK); also sum_t (t+1) q_t . dq_t."""
-    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_bh, i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_k = tl.program_id(1)
 
@@ -205,7 +212,7 @@ def chunked_bwd_dq_kernel(
         b_vt = tl.load(p_v0 + r_t[None, :] * svn, mask=m_v[:, None] & m_t[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_t[:, None] & m_v[None, :], other=0)
         n_c = tl.minimum(T - i_c * BT, BT)
-        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
+        b_kd, f_hi, f_lo = _chunk_end_decays(g_hi, g_lo, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_da = tl.dot(b_do, b_vt)
         else:
@@ -241,7 +248,7 @@ def chunked_bwd_dk_kernel(
 ):  # fmt: skip
     """dk for one Dk block (all of Dv), walking backwards with dH^T (Dv x BK); also dS_0 and
     sum_t (t+1) k_t . dk_t."""
-    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_bh, i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_k = tl.program_id(1)
 
@@ -277,7 +284,7 @@ def chunked_bwd_dk_kernel(
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
         b_dot = tl.load(p_do0 + r_t[None, :] * sdn, mask=m_v[:, None] & m_t[None, :], other=0)
         n_c = tl.minimum(T - i_c * BT, BT)
-        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
+        b_kd, f_hi, f_lo = _chunk_end_decays(g_hi, g_lo, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_dat = tl.dot(b_v, b_dot)
         else:
@@ -314,7 +321,7 @@ def chunked_bwd_dv_kernel(
     ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """dv for one Dv block (all of Dk), walking backwards with dH (Dk x BV)."""
-    i_bh, i_b, i_h, g, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
+    i_bh, i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_v = tl.program_id(1)
 
@@ -346,7 +353,7 @@ def chunked_bwd_dv_kernel(
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_t[:, None] & m_k[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_tv, other=0)
         n_c = tl.minimum(T - i_c * BT, BT)
-        b_kd, f_hi, f_lo = _chunk_end_decays(g, c_hi, c_lo, n_c, BT, ACC)
+        b_kd, f_hi, f_lo = _chunk_end_decays(g_hi, g_lo, c_hi, c_lo, n_c, BT, ACC)
         if NATIVE_QK:
             b_at = tl.dot(b_k, b_qt)
         else:
@@ -432,11 +439,12 @@ def forward(
     fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
     prec, native, mode = dot_flags(q.dtype, precision)
     bk, bv = _fwd_tiles(Dk, Dv)
+    g_split = split_log_decay(log_decay)
 
     def run(variant):
         bt, stages = variant
         launcher(chunked_fwd_kernel)[(rows * H, triton.cdiv(Dv, bv))](
-            q, k, v, o, initial_state if initial_state is not None else o, final, log_decay,
+            q, k, v, o, initial_state if initial_state is not None else o, final, g_split,
             decay_power(log_decay, bt), cu_seqlens if cu_seqlens is not None else log_decay,
             1.0 if fp64 else scale, N, H, Dk, Dv,
             *strides(q), *strides(k), *strides(v), *strides(o), *strides(initial_state),
@@ -476,6 +484,7 @@ def backward(
     acc = torch_acc_dtype(q.dtype)
     if q.dtype == torch.float64:  # an fp64 scale applied to do here rather than as an fp32 kernel argument
         do, scale = do * scale, 1.0
+    g_split = split_log_decay(log_decay)
     prec, native, mode = dot_flags(q.dtype, precision)
     flags = dict(ACC=acc_dtype(q.dtype), PREC=prec, NATIVE_QK=native, MODE=mode, ROUND_BF16=round_bf16(q.dtype))
     flags["VARLEN"] = cu_seqlens is not None
@@ -496,7 +505,7 @@ def backward(
     def run_dq(variant):
         bt, stages = variant
         launcher(chunked_bwd_dq_kernel)[(rows * H, nk)](
-            q, k, v, do, dq, initial_state if initial_state is not None else q, dg_q, log_decay,
+            q, k, v, do, dq, initial_state if initial_state is not None else q, dg_q, g_split,
             decay_power(log_decay, bt), cu,
             *common, *strides(initial_state),
             BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, **flags,
@@ -506,7 +515,7 @@ def backward(
     def run_dk(variant):
         bt, stages = variant
         launcher(chunked_bwd_dk_kernel)[(rows * H, nk)](
-            q, k, v, do, dk, dfinal_or_any, ds0 if ds0 is not None else dg_k, dg_k, log_decay,
+            q, k, v, do, dk, dfinal_or_any, ds0 if ds0 is not None else dg_k, dg_k, g_split,
             decay_power(log_decay, bt), cu,
             *common, *strides(dfinal),
             BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, STORE_INITIAL_GRAD=ds0 is not None, **flags,
@@ -518,7 +527,7 @@ def backward(
     def run_dv(variant):
         bt, stages = variant
         launcher(chunked_bwd_dv_kernel)[(rows * H, triton.cdiv(Dv, bv))](
-            q, k, do, dv, dfinal_or_any, log_decay, decay_power(log_decay, bt), cu,
+            q, k, do, dv, dfinal_or_any, g_split, decay_power(log_decay, bt), cu,
             scale, N, H, Dk, Dv, *strides(q), *strides(k), *strides(do), *strides(dfinal),
             BT=bt, BK=bkf, BV=bv, USE_FINAL_GRAD=dfinal is not None, **flags,
             num_warps=warps(bkf * bv), num_stages=stages,

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...decay import finite_log
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # The combine function of tl.sum. `tl.reduce(x, axis, SUM)` is tl.sum without the nested jit call.
@@ -108,6 +110,21 @@ def decay_power(log_decay: torch.Tensor, power: int) -> torch.Tensor:
         return torch.stack([p, torch.zeros_like(p)], -1)
     hi = p.float()
     return torch.stack([hi, (p - hi.double()).float()], -1)
+
+
+def split_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """log lambda per head as g_hi + g_lo, shaped (H, 2), in the kernels' accumulation dtype, for the in-kernel
+    decay factors lambda^e = exp(g_hi e) * exp(g_lo e), e an integer in [0, 256) (a position in a chunk).
+
+    exp(g e) would round the exponent g e first: an absolute error of |g e| ulp, which exp turns into a relative
+    one (2.6e-6 at lambda = 0.5, e = 63: more than the fp32 tolerance, in a factor that can be a whole output
+    element). g_hi keeps all but the last 8 significant bits of g, so g_hi e is exact; g_lo e is tiny and nearly
+    exact. Clamped first (`decay.finite_log`): with g = -inf, e = 0 would give -inf * 0 = NaN where lambda^0 = 1.
+    """
+    g = finite_log(log_decay.detach()).contiguous()
+    bits = g.view(torch.int64 if g.dtype == torch.float64 else torch.int32)
+    hi = (bits & -256).view(g.dtype)
+    return torch.stack([hi, g - hi], -1)
 
 
 def next_pow2(n: int) -> int:
@@ -233,6 +250,7 @@ __all__ = [
     "round_bf16",
     "round_to_bf16",
     "split_hi_lo",
+    "split_log_decay",
     "dim_block",
     "dot_flags",
     "empty_output",

@@ -25,6 +25,7 @@ from .common import (
     launcher,
     round_bf16,
     round_to_bf16,
+    split_log_decay,
     strides,
     torch_acc_dtype,
     warps,
@@ -51,7 +52,8 @@ def fleet_fwd_kernel(
     i_v = tl.program_id(2)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
-    g = tl.load(LOG_DECAY + i_h).to(ACC)
+    g_hi = tl.load(LOG_DECAY + 2 * i_h).to(ACC)  # log lambda = g_hi + g_lo: lambda^e = exp(g_hi e) exp(g_lo e)
+    g_lo = tl.load(LOG_DECAY + 2 * i_h + 1).to(ACC)  # (see `split_log_decay`: exact for e < 256, never -inf * 0)
     c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over blocks
     c_lo = tl.load(DECAY + 2 * i_h + 1)
 
@@ -62,9 +64,11 @@ def fleet_fwd_kernel(
     m_k = o_k < DK
     m_v = o_v < DV
     m_ij = o_t[:, None] >= o_t[None, :]
-    b_d = tl.where(m_ij, tl.exp(g * tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)), 0)
+    e_d = tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)
+    b_d = tl.where(m_ij, tl.exp(g_hi * e_d) * tl.exp(g_lo * e_d), 0)
     b_d3 = tl.broadcast_to(b_d[None, :, :], (BK, BT, BT))  # the same scan for every d
-    b_dq = tl.exp(g * (o_t + 1).to(ACC))
+    e_q = (o_t + 1).to(ACC)
+    b_dq = tl.exp(g_hi * e_q) * tl.exp(g_lo * e_q)
 
     p_q0 = Q + i_b * sqb + i_h * sqh + o_k[:, None] * sqd  # q and k loaded transposed: (BK, BT)
     p_k0 = K + i_b * skb + i_h * skh + o_k[:, None] * skd
@@ -95,8 +99,10 @@ def fleet_fwd_kernel(
             if ROUND_BF16:
                 b_o = round_to_bf16(b_o)
             tl.store(p_o0 + r_t[:, None] * son, b_o.to(O.dtype.element_ty), mask=m_o)
-        b_kd = tl.exp(g * tl.maximum(n_c - 1 - o_t, 0).to(ACC))
-        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g * n_c.to(ACC)))
+        e_k = tl.maximum(n_c - 1 - o_t, 0).to(ACC)
+        b_kd = tl.exp(g_hi * e_k) * tl.exp(g_lo * e_k)
+        e_c = n_c.to(ACC)
+        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g_hi * e_c) * tl.exp(g_lo * e_c))
         f_lo = tl.where(n_c == BT, c_lo, 0)
         b_p = b_p * f_hi + b_p * f_lo + tl.reduce(b_x * b_kd[None, :, None], 1, SUM)
 
@@ -126,7 +132,8 @@ def forward(q, k, v, log_decay, initial_state, scale: float, output_final_state:
     final = torch.empty((B, H, Dk, Dv) if output_final_state else (0,), dtype=acc, device=q.device)
     fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
     launcher(fleet_fwd_kernel)[(B * H, nk, triton.cdiv(Dv, bv))](
-        q, k, v, out, initial_state if initial_state is not None else o, final, log_decay, decay_power(log_decay, bt),
+        q, k, v, out, initial_state if initial_state is not None else o, final,
+        split_log_decay(log_decay), decay_power(log_decay, bt),
         1.0 if fp64 else scale, N, H, Dk, Dv,
         *strides(q), *strides(k), *strides(v), *strides(out), *strides(initial_state),
         BT=bt, BK=bk, BV=bv,
