@@ -1,6 +1,17 @@
 """Runs any method over pieces of the sequence, chaining the state: packed variable-length batches
 (`cu_seqlens`) and state checkpoints. One mechanism for every method, exact by construction: a piece starts
-from the state the previous piece left, exactly as one call would carry it."""
+from the state the previous piece left, exactly as one call would carry it.
+
+Every method call goes through `forward` here, which also keeps outputs causal when k or v hold NaN or inf:
+o_t depends only on tokens <= t, whatever the later tokens hold (garbage in right padding is a real case).
+A matmul-based method cannot promise that by itself: a later v_s = NaN times the score 0 (masked, or a decay
+factor flushed to 0) is NaN inside a matmul, and so is 0 * NaN in a masked product, so a non-finite token
+spoils the earlier rows of its block. Rather than slow every method down with masking that NaN survives
+anyway, the result is checked (one pass over the output, skipped while torch.compile traces) and, only when it
+holds a non-finite value and k or v (or the initial state) do too, recomputed in two parts: the tokens before
+the first non-finite k or v with the method (exact: its inputs are finite there), the rest with `recurrent` from
+the state they leave, which follows the reference recurrence step by step and so gives its NaN / inf pattern.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +19,21 @@ import torch
 
 from .inputs import AttentionInputs
 from .methods.base import Method, new_output
+from .methods.recurrent import Recurrent
+
+RECURRENT = Recurrent()
 
 
 def run(method: Method, x: AttentionInputs, options: dict):
     """Returns (o, final_state or None, checkpoints or None)."""
     if x.checkpoints is None and (x.cu_seqlens is None or method.native_varlen):
+        if x.cu_seqlens is None:
+            o, state = forward(method, x, options)
+            return o, state, None
         o, state = method.forward(x, **options)
-        return o, state, None
+        if not _suspect(x, o, state):
+            return o, state, None
+        # packed sequences with a non-finite output: repaired one sequence at a time by the loop below
     sequences = [(0, x.seq_len)] if x.cu_seqlens is None else list(zip(x.cu_seqlens, x.cu_seqlens[1:]))
     cuts = set(x.checkpoints or ())
     saved: dict[int, torch.Tensor] = {}
@@ -30,7 +49,7 @@ def run(method: Method, x: AttentionInputs, options: dict):
             keep = b < end or b in cuts or x.output_final_state
             if a == b:
                 continue
-            out, state = method.forward(x.piece(a, b, state, keep), **options)
+            out, state = forward(method, x.piece(a, b, state, keep), options)
             o[:, :, a:b] = out
             if b in cuts:
                 saved[b] = state
@@ -49,3 +68,51 @@ def run(method: Method, x: AttentionInputs, options: dict):
 def _empty_state(x: AttentionInputs) -> torch.Tensor:
     rows = 1 if x.cu_seqlens is not None else x.batch
     return torch.zeros(rows, x.heads, x.dk, x.dv, dtype=x.compute_dtype, device=x.device)
+
+
+def forward(method: Method, x: AttentionInputs, options: dict):
+    """method.forward(x) for a plain (not packed) problem, kept causal when k or v hold NaN or inf (see above)."""
+    o, state = method.forward(x, **options)
+    if not _suspect(x, o, state):
+        return o, state
+    first = _first_non_finite_token(x)
+    if first is None:  # the inputs are finite: the non-finite values are the method's own (or initial_state's)
+        return o, state
+    state = x.initial_state
+    parts = []
+    if first > 0:
+        head, state = method.forward(x.piece(0, first, state, True), **options)
+        parts.append(head)
+    tail, state = RECURRENT.forward(x.piece(first, x.seq_len, state, x.output_final_state))
+    parts.append(tail)
+    return torch.cat(parts, dim=2), state
+
+
+def _suspect(x: AttentionInputs, o: torch.Tensor, state: torch.Tensor | None) -> bool:
+    """Whether the result holds a non-finite value while k or v do. The output is summed in fp32 or wider (a
+    sum that overflows only costs the second check). Skipped while torch.compile traces (the check needs the
+    value: a graph break, or no fullgraph compile at all) and while a CUDA graph is captured (a sync is not
+    allowed there): compiled and captured calls get the method's own result, exact for finite inputs."""
+    if torch.compiler.is_compiling():
+        return False
+    if o.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    with torch.no_grad():
+        total = o.sum(dtype=torch.promote_types(o.dtype, torch.float32))
+        if state is not None:
+            total = total + state.sum()
+        if bool(torch.isfinite(total)):
+            return False
+        inputs = (x.k, x.v) if x.initial_state is None else (x.k, x.v, x.initial_state)
+        return not all(bool(torch.isfinite(t).all()) for t in inputs)
+
+
+def _first_non_finite_token(x: AttentionInputs) -> int | None:
+    """The first position t at which k_t or v_t holds NaN or inf in any batch row or head, or None; 0 when the
+    initial state does (a method's own arithmetic, e.g. inf * 0 for a factor 0, differs from the recurrence's)."""
+    with torch.no_grad():
+        if x.initial_state is not None and not bool(torch.isfinite(x.initial_state).all()):
+            return 0
+        bad = ~(torch.isfinite(x.k).all(-1) & torch.isfinite(x.v).all(-1)).flatten(0, 1).all(0)
+        idx = bad.nonzero()
+    return int(idx[0, 0]) if idx.numel() else None
