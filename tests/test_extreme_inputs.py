@@ -184,8 +184,10 @@ def test_gradients_at_extreme_decays(name, dtype):
     log_decay = torch.tensor(EXTREME, dtype=torch.float64)
     do = torch.randn(1, h, 20, 3, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o = ld.attention(*leaves, log_decay=log_decay, method=name, scale=0.5)
+    g = log_decay.clone().requires_grad_()
+    o = ld.attention(*leaves, log_decay=g, method=name, scale=0.5)
     o.backward(do.to(dtype))
+    assert torch.isfinite(g.grad).all(), f"{name} dlog_decay not finite: {g.grad}"
     ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
     reference_closed_form(*ref, log_decay, scale=0.5)[0].backward(do)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
