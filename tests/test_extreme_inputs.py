@@ -65,7 +65,7 @@ def test_non_finite_k_or_v_stays_causal(name, where):
         check_pattern(f"{name} {where} at {t} state", state, ref.state, ref.state_abs, torch.float32)
 
 
-@pytest.mark.parametrize("value", ["nan", "-inf", "inf"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
 @pytest.mark.parametrize("name", METHODS)
 def test_non_finite_q_affects_only_its_own_output(name, value):
     for t in (0, 23) if value == "nan" else (15,):
