@@ -36,22 +36,16 @@ def snapshot(t: torch.Tensor) -> tuple[Hashable, Callable[[], torch.Tensor]] | N
     tensor of exactly those values; or None where the values must not be read on the host now: while
     torch.compile traces, for a tensor that requires grad, on another device than the CPU, under vmap, or for more
     than MAX_ELEMENTS values."""
-    if (
-        torch.compiler.is_compiling()
-        or t.requires_grad
-        or t.device.type != "cpu"
-        or t.numel() > MAX_ELEMENTS
-        or _is_wrapped(t)
-    ):
+    # this runs twice per decode step: the cheapest tests first (is_cpu, unlike device.type, makes no object)
+    if not t.is_cpu or t.requires_grad or t.numel() > MAX_ELEMENTS or torch.compiler.is_compiling() or _is_wrapped(t):
         return None
     values = tuple((t if t.ndim == 1 else t.reshape(-1)).tolist())  # exact: every dtype's values are Python's
     dtype, shape = t.dtype, t.shape
     return (dtype, shape, values), lambda: torch.tensor(values, dtype=dtype).reshape(shape)
 
 
-def _versions(result) -> tuple[int, ...]:
-    tensors = result if isinstance(result, tuple) else (result,)
-    return tuple(t._version for t in tensors)
+def _versions(result) -> int | tuple[int, ...]:
+    return result._version if isinstance(result, torch.Tensor) else tuple([t._version for t in result])
 
 
 class ValueMemo:
