@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .memo import TensorMemo
+from .memo import CheckedTensors, ValueMemo
 
 __all__ = [
     "canonical_log_decay",
@@ -46,7 +46,8 @@ def _describe_bad(t: torch.Tensor, bad: torch.Tensor) -> str:
     return ", ".join(f"{v:.6g}" for v in vals)
 
 
-_VALIDATED = TensorMemo()
+_VALIDATED = ValueMemo(size=64)  # by value: python numbers and small CPU tensors (see leetdecoding.memo)
+_CHECKED_ON_DEVICE = CheckedTensors()  # decay tensors on a GPU: the check is remembered, the values read per call
 
 
 def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -54,12 +55,64 @@ def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtyp
 
     Accepts a float, a 0-d tensor or a (H,) tensor. Any real tensor dtype is accepted (the dtype of the decay
     is the one thing converted silently); a decay tensor on another device is moved to the inputs' device.
+
+    Every call computes from the values the decay holds at that call, however they were written (in place,
+    through `.data`, a numpy view, under torch.compile, from another thread). The result may be shared between
+    calls with the same values: read it, never modify it in place.
     """
     raw = decay if decay is not None else log_decay
-    if not isinstance(raw, torch.Tensor) or decay is not None and log_decay is not None:
+    if decay is not None and log_decay is not None or raw is None or torch.compiler.is_compiling():
         return _canonical(decay, log_decay, heads, device, dtype)
-    key = (decay is None, heads, device, dtype)
-    return _VALIDATED.get(raw, key, lambda: _canonical(decay, log_decay, heads, device, dtype))
+    is_decay = decay is not None
+    key = (is_decay, heads, device, dtype)
+
+    def check(t):
+        return _canonical(t, None, heads, device, dtype) if is_decay else _canonical(None, t, heads, device, dtype)
+
+    if type(raw) in (float, int):  # a python number is its own value key
+        return _VALIDATED.get(("number", raw, key), lambda: check(raw))
+    if not isinstance(raw, torch.Tensor):
+        return check(raw)  # raises the TypeError
+    return _from_tensor(raw, key, _log if is_decay else _same, check)
+
+
+def log_decay_from(source: torch.Tensor, to_log_decay, heads: int, device: torch.device, dtype: torch.dtype):
+    """canonical_log_decay(None, to_log_decay(source), ...) for a decay kept in another form, e.g. MiniMax's
+    slope_rate buffer with log lambda = -slope. Remembered by `source`'s values, or on a GPU checked once per
+    `source` tensor and version: `source` keeps its identity from call to call, a tensor derived from it does not.
+    `to_log_decay` is part of the key: pass a module-level function, not a new lambda per call."""
+
+    def check(t):
+        return _canonical(None, to_log_decay(t), heads, device, dtype)
+
+    return _from_tensor(source, (to_log_decay, heads, device, dtype), to_log_decay, check)
+
+
+def _log(t: torch.Tensor) -> torch.Tensor:
+    return torch.log(t.to(torch.float64))
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _from_tensor(source: torch.Tensor, key: tuple, to_log_decay, check) -> torch.Tensor:
+    """check(source) (validate and convert), remembered by `source`'s values where they can be read on the host
+    (see leetdecoding.memo). On a GPU, reading them would be a host sync per call (per layer and token when
+    decoding): there check() runs once per tensor and version, and later calls convert on the device,
+    `to_log_decay(source)` placed as check() places it, so a result always holds the current values."""
+    if source.device.type in ("cpu", "meta") or source.requires_grad or torch.compiler.is_compiling():
+        return _VALIDATED.derive(source, key, check)
+    heads, device, dtype = key[1:]
+    key = (*key, source.dtype, tuple(source.shape))
+    if _CHECKED_ON_DEVICE.passed(source, key):
+        return _placed(to_log_decay(source), heads, device, dtype)
+    return _CHECKED_ON_DEVICE.check(source, key, lambda: check(source))
+
+
+def _placed(log: torch.Tensor, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A checked log lambda (a float, or (1,) or (heads,)) as (heads,) in `dtype` on `device`."""
+    return finite_log(log.to(device=device, dtype=dtype)).expand(heads).contiguous()
 
 
 def _canonical(decay, log_decay, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -94,7 +147,7 @@ def _canonical(decay, log_decay, heads: int, device: torch.device, dtype: torch.
                 "Hint: for a positive rate s, pass log_decay=-s."
             )
         log = t
-    return finite_log(log.to(device=device, dtype=dtype)).expand(heads).contiguous()
+    return _placed(log, heads, device, dtype)
 
 
 def finite_log(log: torch.Tensor) -> torch.Tensor:
@@ -111,8 +164,8 @@ def finite_log(log: torch.Tensor) -> torch.Tensor:
 
 
 def from_decay(decay) -> torch.Tensor:
-    """lambda in (0, 1] -> log lambda, fp32."""
-    return canonical_log_decay(decay, None, _heads(decay), torch.device("cpu"), torch.float32)
+    """lambda in (0, 1] -> log lambda, fp32 (a new tensor: the caller may modify it)."""
+    return _canonical(decay, None, _heads(decay), torch.device("cpu"), torch.float32)
 
 
 def from_rate(rate) -> torch.Tensor:

@@ -31,8 +31,7 @@ from torch import nn
 from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention, apply_mask_to_padding_states
 
 import leetdecoding as ld
-from leetdecoding.decay import canonical_log_decay
-from leetdecoding.memo import TensorMemo
+from leetdecoding.decay import log_decay_from
 from leetdecoding.methods.recurrent import step, step_decay
 
 from .hf_minimax_cache import LeetMiniMaxCache
@@ -41,9 +40,6 @@ __all__ = ["patch", "unpatch", "report", "is_patched", "PatchReport", "LayerRepo
 
 _ATTR = "_leetdecoding_patch"
 _EXPLAIN_MEMO_SIZE = 64  # distinct call shapes whose method name is remembered per layer
-
-
-_NEG_SLOPES = TensorMemo()
 
 
 @dataclass
@@ -57,10 +53,9 @@ class _Patch:
 
     @staticmethod
     def log_decay(module) -> torch.Tensor:
-        """-slope_rate as (H,): the same tensor every call while the buffer is unchanged, so that its validation,
-        decay factors and chunk tables are remembered inside leetdecoding."""
-        slope = module.slope_rate
-        return _NEG_SLOPES.get(slope, (), lambda: -slope.detach().reshape(-1))
+        """-slope_rate as (H,), from the buffer's values at this call (leetdecoding remembers what it derives
+        from them by value)."""
+        return _neg_slope(module.slope_rate)
 
     def count(self, path: str, method: str) -> None:
         per_path = self.calls.setdefault(path, {})
@@ -78,6 +73,11 @@ class _Patch:
                 self._methods.pop(next(iter(self._methods)))
             self._methods[key] = name
         return name
+
+
+def _neg_slope(slope: torch.Tensor) -> torch.Tensor:
+    """log lambda (H,) of MiniMax's slope_rate buffer (H, 1, 1): lambda = exp(-slope)."""
+    return -slope.detach().reshape(-1)
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,7 +102,6 @@ def _cached_state(cache, layer_idx: int, dtype: torch.dtype):
 def _attend(self, rec: _Patch, qkv: torch.Tensor, state):
     """Attention after `state` (None: from zeros) of qkv (B, N, H, 3, D). Returns o (B, N, H * D) and the state."""
     b, n, h, _, d = qkv.shape
-    log_decay = rec.log_decay(self)
     if state is not None and n == 1:
         # one token: the recurrence step itself, on inputs this layer made (nothing for the public checks to
         # catch), with lambda kept per layer and the cached state updated in place when autograd allows
@@ -110,11 +109,13 @@ def _attend(self, rec: _Patch, qkv: torch.Tensor, state):
         cd = state.dtype
         q, k, v = (t.to(cd) for t in qkv[:, 0].unbind(2))  # (B, H, D)
         in_place = not (torch.is_grad_enabled() and (qkv.requires_grad or state.requires_grad))
-        log_decay = canonical_log_decay(None, log_decay, h, state.device, cd)  # validated once, then remembered
+        # validated once per slope values (on a GPU: per buffer and version), then remembered
+        log_decay = log_decay_from(self.slope_rate, _neg_slope, h, state.device, cd)
         o, state = step(state, q, k, v, step_decay(log_decay), state if in_place else None)
         return o.to(qkv.dtype).reshape(b, 1, h * d), state
     q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # (B, H, N, D) views
     path = "prefill" if state is None else "continue"
+    log_decay = rec.log_decay(self)
     method = rec.method_for(path, q, k, v, log_decay, state)
     o, state = ld.attention(
         q, k, v, log_decay=log_decay, method=rec.method, initial_state=state, output_final_state=True

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from ..inputs import AttentionInputs, compute_dtype_for
-from ..memo import TensorMemo
+from ..memo import ValueMemo
 from .base import Method, causal_decay_matrix, decay_factor, decay_powers, elem_bytes, log_decay_grad, output_buffer
 
 
@@ -51,20 +51,22 @@ class Decays(NamedTuple):
     chunk: torch.Tensor  # (1, H, 1, 1): lambda^c
 
 
-_DECAYS = TensorMemo()  # every call with the same (validated, cached) decay and chunk size reuses its tables
+_DECAYS = ValueMemo()  # calls with the same decay values and chunk size share the tables (see leetdecoding.memo)
 
 
 def decays(log_decay: torch.Tensor, c: int) -> Decays:
-    def build() -> Decays:
-        idx = torch.arange(c, device=log_decay.device, dtype=log_decay.dtype)
-        return Decays(
-            causal_decay_matrix(log_decay, c).unsqueeze(2),
-            decay_powers(log_decay, idx + 1).unsqueeze(2),
-            decay_powers(log_decay, c - 1 - idx).unsqueeze(2),
-            decay_factor(log_decay, c).view(1, -1, 1, 1),
-        )
+    """The tables for chunks of c tokens, computed from `log_decay`'s values at this call."""
+    return _DECAYS.derive(log_decay, (c,), lambda ld: build_decays(ld, c))
 
-    return _DECAYS.get(log_decay, (c,), build)
+
+def build_decays(log_decay: torch.Tensor, c: int) -> Decays:
+    idx = torch.arange(c, device=log_decay.device, dtype=log_decay.dtype)
+    return Decays(
+        causal_decay_matrix(log_decay, c).unsqueeze(2),
+        decay_powers(log_decay, idx + 1).unsqueeze(2),
+        decay_powers(log_decay, c - 1 - idx).unsqueeze(2),
+        decay_factor(log_decay, c).view(1, -1, 1, 1),
+    )
 
 
 def pieces(n: int, c: int, seg: int):

@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
-from ..memo import TensorMemo
+from ..memo import ValueMemo
 from .base import Method, decay_factor, elem_bytes, log_decay_grad, output_buffer
 
-_FACTORS = TensorMemo()
+_FACTORS = ValueMemo()
 
 
 def step_decay(log_decay: torch.Tensor) -> torch.Tensor:
-    """lambda shaped (1, H, 1, 1) for `step`, remembered per (validated, cached) log decay: decoding asks for it
-    every token."""
-    return _FACTORS.get(log_decay, (), lambda: decay_factor(log_decay).view(1, -1, 1, 1))
+    """lambda shaped (1, H, 1, 1) for `step`, from `log_decay`'s values at this call; remembered by those values
+    (decoding asks for it every token), see leetdecoding.memo."""
+    return _FACTORS.derive(log_decay, (), lambda ld: decay_factor(ld).view(1, -1, 1, 1))
 
 
 def step(state, q_t, k_t, v_t, lam, out=None):
