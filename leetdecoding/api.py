@@ -5,20 +5,28 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, segments
+from .amp import without_autocast
 from .inputs import AttentionInputs, validate, validate_decode
 from .methods import REGISTRY
+from .methods.base import decay_factor, finish, head_log_decay, state_contribution
 from .methods.recurrent import step, step_decay
 
 
 def _empty_sequence(x: AttentionInputs):
-    o = torch.empty(x.batch, x.heads, 0, x.dv, dtype=x.dtype, device=x.device)
-    if x.initial_state is not None:
-        state = x.initial_state.clone()  # lambda^0 S_init: never alias the caller's tensor
-    else:
-        state = torch.zeros(x.num_sequences, x.heads, x.dk, x.dv, dtype=x.compute_dtype, device=x.device)
+    """N = 0 (a rank of a sequence-parallel run may hold no tokens): o (B, H, 0, Dv) and the final state
+    lambda^0 S_init (zeros without one), one row per sequence. Both are computed from the inputs as sums over no
+    tokens, never allocated apart, so that they join the graph of every input that requires grad: zero-sized
+    gradients for q, k, v, d initial_state = d final_state, d log_decay = 0. The state never aliases the caller's
+    initial_state."""
+    cd = x.compute_dtype
+    q, k, v = (t.to(cd) for t in (x.q, x.k, x.v))
+    o = finish(x, (q @ k.transpose(-1, -2)) @ v * decay_factor(head_log_decay(x)))
+    state = state_contribution(k, v, x.log_decay).expand(x.num_sequences, -1, -1, -1)
+    state = state + x.initial_state if x.initial_state is not None else state.clone()
     return o, state
 
 
+@without_autocast
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,6 +60,9 @@ def attention(
     Returns o (B, H, N, Dv) in the input dtype; then the final state (B, H, Dk, Dv) in fp32 (fp64 for fp64
     inputs) if `output_final_state`; then the checkpoints (K, B, H, Dk, Dv), or (K, H, Dk, Dv) with
     `cu_seqlens`, if `state_checkpoints` is given. More than one result comes as a tuple in that order.
+
+    Inside `torch.autocast` the call computes exactly as outside it, in the dtype of the inputs it is given
+    (see `leetdecoding.amp`).
     """
     x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints)
     choice = dispatch.choose(x, method)
@@ -59,13 +70,15 @@ def attention(
     if x.seq_len == 0:
         o, state = _empty_sequence(x)
         if x.checkpoints is not None:
-            checkpoints = torch.zeros(0, *state.shape[int(x.cu_seqlens is not None) :], dtype=state.dtype)
+            shape = state.shape[int(x.cu_seqlens is not None) :]
+            checkpoints = torch.zeros(0, *shape, dtype=state.dtype, device=state.device)
     else:
         o, state, checkpoints = segments.run(choice.method, x, choice.options)
     results = (o,) + ((state,) if output_final_state else ()) + ((checkpoints,) if checkpoints is not None else ())
     return results if len(results) > 1 else o
 
 
+@without_autocast
 def decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,6 +116,7 @@ def decode_step(
     return o.to(dtype), new
 
 
+@without_autocast
 def explain(
     q: torch.Tensor,
     k: torch.Tensor,

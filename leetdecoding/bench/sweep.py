@@ -110,7 +110,9 @@ def fp64_output(x: AttentionInputs) -> torch.Tensor:
 
 
 def max_relative_error(o: torch.Tensor, o64: torch.Tensor) -> float:
-    """max|o - o64| / max|o64|, inf when anything is non-finite."""
+    """max|o - o64| / max|o64|, inf when anything is non-finite; 0 for an empty output (N = 0)."""
+    if o64.numel() == 0:
+        return 0.0 if o.shape == o64.shape else float("inf")
     err = ((o.double() - o64).abs().max() / o64.abs().max().clamp_min(1e-300)).item()
     return err if err == err else float("inf")
 
@@ -129,7 +131,7 @@ def skip_reasons(method: Method, x: AttentionInputs, options: dict) -> list[str]
 
 def predicted_seconds(method: Method, n: int, previous: tuple[int, float] | None, calls: int) -> float | None:
     """Time of a whole case, from the same method's last measured (N_prev, t_prev): t_prev (N/N_prev)^e."""
-    if previous is None:
+    if previous is None or previous[0] == 0:  # nothing to scale from (N = 0 measures only overhead)
         return None
     n_prev, t_prev = previous
     return calls * t_prev * (n / n_prev) ** method.time_exponent

@@ -31,6 +31,7 @@ from torch import nn
 from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention, apply_mask_to_padding_states
 
 import leetdecoding as ld
+from leetdecoding.amp import autocast_off
 from leetdecoding.decay import log_decay_from
 from leetdecoding.methods.recurrent import step, step_decay
 
@@ -111,7 +112,8 @@ def _attend(self, rec: _Patch, qkv: torch.Tensor, state):
         in_place = not (torch.is_grad_enabled() and (qkv.requires_grad or state.requires_grad))
         # validated once per slope values (on a GPU: per buffer and version), then remembered
         log_decay = log_decay_from(self.slope_rate, _neg_slope, h, state.device, cd)
-        o, state = step(state, q, k, v, step_decay(log_decay), state if in_place else None)
+        with autocast_off(state.device.type):  # as in ld.attention: autocast changes nothing in the state
+            o, state = step(state, q, k, v, step_decay(log_decay), state if in_place else None)
         return o.to(qkv.dtype).reshape(b, 1, h * d), state
     q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # (B, H, N, D) views
     path = "prefill" if state is None else "continue"

@@ -28,8 +28,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs, compute_dtype_for
 from ..memo import ValueMemo
+from .autograd import twice_differentiable_grads
 from .base import Method, causal_decay_matrix, decay_factor, decay_powers, elem_bytes, log_decay_grad, output_buffer
 
 
@@ -157,14 +159,24 @@ class ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes):
         o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True)
-        ctx.save_for_backward(q, k, v, log_decay, final, *saved)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, final, *saved)
         ctx.args = (scale, chunk_size, segment_bytes)
         return o, final
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, do, d_final):
-        q, k, v, log_decay, final, *saved = ctx.saved_tensors
+        q, k, v, log_decay, initial_state, final, *saved = ctx.saved_tensors
         scale, chunk_size, segment_bytes = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
+
+            def forward(q, k, v, log_decay, initial_state):
+                return chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, False)[:2]
+
+            grads = twice_differentiable_grads(
+                forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
+            )
+            return *grads, None, None, None
         dq, dk, dv, dg, ds0 = chunked_bwd(
             q, k, v, log_decay, scale, saved, do, d_final, final, chunk_size, segment_bytes
         )
@@ -190,7 +202,7 @@ class Chunked(Method):
         per_token = 2 * c + 2 * x.dk + 2 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
         per_head = seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
         if x.requires_grad:  # the segment-start states kept for the backward
-            per_head += -(-x.seq_len // seg) * x.dk * x.dv
+            per_head += -(-x.seq_len // max(seg, 1)) * x.dk * x.dv  # (no segment at N = 0)
         return elem_bytes(x) * x.batch * x.heads * per_head
 
     def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **options):

@@ -52,7 +52,13 @@ class Fleet(Method):
             prefix = discounted_cumsum(k_d * v, x.log_decay, init)  # (B, H, g, N, Dv)
             q_d = x.q[..., d0:d1].to(cd).transpose(-1, -2)  # (B, H, g, N)
             o = o + torch.einsum("bhgn,bhgnf->bhnf", q_d, prefix)
-            if x.output_final_state:
-                rows.append(prefix[:, :, :, -1])
+            if x.output_final_state:  # P_d(N - 1); with no tokens P_d(-1), the initial rows (zeros without)
+                rows.append(prefix[:, :, :, -1] if N else _initial_rows(x, d0, d1))
         state = torch.cat(rows, dim=2) if x.output_final_state else None
         return finish(x, o), state
+
+
+def _initial_rows(x: AttentionInputs, d0: int, d1: int) -> torch.Tensor:
+    if x.initial_state is not None:
+        return x.initial_state[:, :, d0:d1].clone()
+    return torch.zeros(x.batch, x.heads, d1 - d0, x.dv, dtype=x.compute_dtype, device=x.device)

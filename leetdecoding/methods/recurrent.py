@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs
 from ..memo import ValueMemo
+from .autograd import twice_differentiable_grads
 from .base import Method, decay_factor, elem_bytes, log_decay_grad, output_buffer
 
 _FACTORS = ValueMemo()
@@ -39,15 +41,16 @@ def step(state, q_t, k_t, v_t, lam, out=None):
 CHECKPOINT_EVERY = 64  # the forward keeps the state every this many tokens for the backward to restart from
 
 
-def recurrent_fwd(q, k, v, log_decay, scale, initial_state, save):
-    """o (input dtype), the final state, and (if save) the state before every CHECKPOINT_EVERY-th token."""
+def recurrent_fwd(q, k, v, log_decay, scale, initial_state, save, in_place=True):
+    """o (input dtype), the final state, and (if save) the state before every CHECKPOINT_EVERY-th token.
+    `in_place=False` allocates a state per token instead of updating one buffer: differentiable by autograd."""
     B, H, N, Dk = q.shape
     cd = log_decay.dtype
     lam = step_decay(log_decay)
     if initial_state is None:
         initial_state = torch.zeros(B, H, Dk, v.shape[-1], dtype=cd, device=q.device)
     state = initial_state
-    buffer = torch.empty_like(state)  # updated in place: nothing per token is allocated or kept
+    buffer = torch.empty_like(state) if in_place else None  # updated in place: nothing per token is allocated
     o = output_buffer(q, v.shape[-1])
     saved = []
     for t in range(N):
@@ -88,13 +91,23 @@ class RecurrentFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, scale):
         o, final, saved = recurrent_fwd(q, k, v, log_decay, scale, initial_state, True)
-        ctx.save_for_backward(q, k, v, log_decay, final, *saved)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, final, *saved)
         ctx.scale = scale
         return o, final
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx, do, d_final):
-        q, k, v, log_decay, final, *saved = ctx.saved_tensors
+        q, k, v, log_decay, initial_state, final, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
+
+            def forward(q, k, v, log_decay, initial_state):
+                return recurrent_fwd(q, k, v, log_decay, ctx.scale, initial_state, False, in_place=False)[:2]
+
+            grads = twice_differentiable_grads(
+                forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
+            )
+            return *grads, None
         dq, dk, dv, dg, ds0 = recurrent_bwd(q, k, v, log_decay, ctx.scale, saved, do, d_final, final)
         return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None
 

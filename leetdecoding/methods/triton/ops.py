@@ -17,6 +17,8 @@ import inspect
 import torch
 from torch import Tensor
 
+from ...amp import backward_without_autocast
+from ..autograd import refuse_double_backward
 from .common import INTERPRET, torch_acc_dtype
 
 OptTensor = Tensor | None  # (a real type, not a string: older torch infers schemas from annotations)
@@ -134,14 +136,18 @@ def _chunked_setup(ctx, inputs, output):
         ctx.save_for_backward(q, k, v, log_decay, initial_state, final, cu_seqlens)
 
 
+@backward_without_autocast
 def _chunked_backward(ctx, do, dfinal):
     q, k, v, log_decay, initial_state, final, cu_seqlens = ctx.saved_tensors
     if final is None or dfinal is None or dfinal.numel() == 0:
         dfinal, final = None, None
-    dq, dk, dv, dg, ds0 = chunked_bwd(
-        q, k, v, log_decay, initial_state, final, do, dfinal, ctx.scale, ctx.precision, cu_seqlens
-    )
-    return dq, dk, dv, dg, (ds0 if ctx.has_initial else None), None, None, None, None, None
+    with torch.no_grad():  # the kernels have no graph: under create_graph=True, refuse_double_backward says so
+        dq, dk, dv, dg, ds0 = chunked_bwd(
+            q, k, v, log_decay, initial_state, final, do, dfinal, ctx.scale, ctx.precision, cu_seqlens
+        )
+    grads = (dq, dk, dv, dg, ds0 if ctx.has_initial else None)
+    grads = refuse_double_backward("triton_chunked", grads, (q, k, v, log_decay, initial_state, do, dfinal))
+    return *grads, None, None, None, None, None
 
 
 torch.library.register_autograd("leetdecoding::chunked_fwd", _chunked_backward, setup_context=_chunked_setup)

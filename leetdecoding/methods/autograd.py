@@ -1,0 +1,69 @@
+"""What every custom backward of the package shares: the double backward.
+
+A custom `torch.autograd.Function` computes its backward from what its forward saved, without a graph. Under
+`create_graph=True` autograd differentiates that backward as it is, and every saved tensor computed in the forward
+(a chunk's start state, the final state) counts as a constant: the second derivatives come out silently wrong.
+So each custom backward either differentiates a plain differentiable forward again when a graph is asked for
+(`twice_differentiable_grads`, the torch methods), or returns gradients whose own backward raises a clear error
+(`refuse_double_backward`, the Triton kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def twice_differentiable_grads(
+    forward: Callable[..., Sequence[torch.Tensor]],
+    inputs: Sequence[torch.Tensor | None],
+    needs_grad: Sequence[bool],
+    grad_outputs: Sequence[torch.Tensor],
+) -> list[torch.Tensor | None]:
+    """Gradients of `forward(*inputs)` towards the inputs that need them, with a graph (create_graph=True), by
+    autograd through a recomputation: the double backward is then exact. None for the other inputs."""
+    # a view per input: one edge each, so that an input passed twice (q is k) gets each use's own gradient
+    wanted = [t.view_as(t) if need and t is not None else t for t, need in zip(inputs, needs_grad)]
+    with torch.enable_grad():
+        outputs = forward(*wanted)
+    targets = [i for i, (t, need) in enumerate(zip(wanted, needs_grad)) if need and t is not None]
+    grads = torch.autograd.grad(
+        outputs, [wanted[i] for i in targets], grad_outputs, create_graph=True, allow_unused=True
+    )
+    result: list[torch.Tensor | None] = [None] * len(inputs)
+    for i, g in zip(targets, grads):
+        result[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return result
+
+
+class _DoubleBackwardRefused(torch.autograd.Function):
+    """Passes gradients through; differentiating them again raises `message`."""
+
+    @staticmethod
+    def forward(ctx, message: str, count: int, *tensors):
+        ctx.message = message
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def refuse_double_backward(
+    method: str, grads: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """The gradients `grads` of a backward that has no graph of its own (a kernel). Outside create_graph=True
+    they are returned as they are; under it they are tied to `inputs` (the forward's inputs and the incoming
+    gradients) through a node whose backward raises a RuntimeError that says what to use instead."""
+    if not torch.is_grad_enabled():
+        return list(grads)
+    message = (
+        f"double backward (a gradient of a gradient, create_graph=True) is not supported by method {method!r}: "
+        "its backward is a kernel without a graph. Use method='chunked' (or 'vanilla', 'recursion', 'recurrent'), "
+        "whose second derivatives are exact."
+    )
+    present = [g for g in grads if g is not None]
+    linked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    passed = iter(_DoubleBackwardRefused.apply(message, len(present), *present, *linked))
+    return [next(passed) if g is not None else None for g in grads]
