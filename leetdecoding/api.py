@@ -57,7 +57,8 @@ def attention(
     (positions in the packed stream with `cu_seqlens`, each belonging to the sequence of token p - 1).
     Resuming from a checkpoint with `initial_state` and running the rest equals the full call.
 
-    Returns o (B, H, N, Dv) in the input dtype; then the final state (B, H, Dk, Dv) in fp32 (fp64 for fp64
+    `initial_state` must be in the state dtype, fp32 (fp64 for fp64 inputs): another dtype is a TypeError, never
+    cast. Returns o (B, H, N, Dv) in the input dtype; then the final state (B, H, Dk, Dv) in fp32 (fp64 for fp64
     inputs) if `output_final_state`; then the checkpoints (K, B, H, Dk, Dv), or (K, H, Dk, Dv) with
     `cu_seqlens`, if `state_checkpoints` is given. More than one result comes as a tuple in that order.
 
@@ -91,6 +92,8 @@ def decode_step(
     out_state: torch.Tensor | None = None,
 ):
     """One token of generation: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) in fp32 (fp64 for fp64).
+
+    `state` and `out_state` in another dtype are a TypeError, never cast (the rule of `attention`'s initial_state).
 
     Returns (o (B, H, Dv) in the input dtype, new_state). The new state is a new tensor, or is written into
     `out_state` when given; `out_state=state` updates the state in place, so a server reuses one buffer.

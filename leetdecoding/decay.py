@@ -30,10 +30,20 @@ __all__ = [
 ]
 
 
+def check_not_meta(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor on the meta device: it has a shape but no values, and every argument here is read."""
+    if t.is_meta:
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values; got a meta tensor of shape {tuple(t.shape)}. "
+            f"Hint: create {name} with its values on a real device (cpu or cuda)."
+        )
+
+
 def _as_float_tensor(name: str, x, dtype: torch.dtype | None = None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.dtype == torch.bool or x.is_complex():
             raise TypeError(f"{name} must be a real tensor; got {x.dtype}.")
+        check_not_meta(name, x)
         return x.to(dtype) if dtype is not None else x.to(torch.float64)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float or a (H,) tensor; got {type(x).__name__} {x!r}.")

@@ -190,6 +190,13 @@ def resolve_name(method) -> str:
     return method
 
 
+def forced_by(method: str, name: str) -> str:
+    """How a method named `name` was forced when the call said `method`."""
+    if method == "auto":
+        return f"forced by the environment variable {ENV_METHOD}={name} (the call said method='auto')"
+    return f"forced by method={name!r}"
+
+
 def representative(x: AttentionInputs) -> AttentionInputs:
     """The largest single call a packed or checkpointed problem makes: what the method must handle."""
     if x.cu_seqlens is None:
@@ -211,8 +218,7 @@ def choose(x: AttentionInputs, method: str = "auto") -> Choice:
                 f"method {name!r} cannot run {x.describe()}: " + "; ".join(reasons) + ". "
                 "Hint: method='auto' picks one that can (see leetdecoding.explain)."
             )
-        how = f"forced by {ENV_METHOD}" if method == "auto" else "forced by method="
-        return Choice(m, opts, how, {}, need)
+        return Choice(m, opts, forced_by(method, name), {}, need)
     order, why = priority(x)
     refusals: dict[str, list[str]] = {}
     for n in order:
@@ -240,8 +246,9 @@ class Explanation:
     options: dict
     reason: str
     refusals: dict[str, list[str]]
-    others: list[str]
+    others: list[str]  # methods that could run these inputs but are not used
     estimate_bytes: int
+    forced: bool = False  # the method was forced (method= or the environment): `others` are never chosen
 
     def __repr__(self) -> str:
         lines = [f"inputs: {self.inputs}"]
@@ -254,8 +261,10 @@ class Explanation:
             lines.append(f"  planned memory: {format_bytes(self.estimate_bytes)}")
         for n, r in self.refusals.items():
             lines.append(f"refused: {n}: {'; '.join(r)}")
-        for n in self.others:
-            lines.append(f"also possible (lower priority): {n}")
+        if self.forced and self.others:  # never chosen while the method is forced, whatever their priority
+            lines.append(f"not used ({self.method} is {self.reason}): {', '.join(self.others)} could also run these")
+        else:
+            lines.extend(f"also possible (lower priority): {n}" for n in self.others)
         return "\n".join(lines)
 
     __str__ = __repr__
@@ -279,4 +288,5 @@ def explain(x: AttentionInputs, method: str = "auto") -> Explanation:
             refusals[n] = r
         else:
             others.append(n)
-    return Explanation(described, c.method.name, c.options, c.reason, refusals, others, c.estimate_bytes)
+    forced = resolve_name(method) != "auto"
+    return Explanation(described, c.method.name, c.options, c.reason, refusals, others, c.estimate_bytes, forced)

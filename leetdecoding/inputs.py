@@ -147,19 +147,35 @@ def check_scale(scale) -> float:
 
 
 def check_state(name: str, state, expected: tuple[int, ...], device: torch.device, dtype: torch.dtype):
-    """Return the state converted to the compute dtype, after checking its shape and device."""
+    """Return the state (None or a tensor) after checking it, unchanged: states are never converted.
+
+    The rule, one for `attention` (initial_state), `decode_step` (state, out_state), the nn cache and the
+    integrations: a state is (B, H, Dk, Dv) in the compute dtype of the inputs, fp32 for fp32 / fp16 / bf16
+    inputs and fp64 for fp64 inputs, on the inputs' device. A state in another dtype is refused (TypeError),
+    never cast: a cast would silently round an fp64 state or detach an in-place `out_state` from the caller's.
+    """
     if state is None:
         return None
-    if not isinstance(state, torch.Tensor) or state.dtype not in FLOAT_DTYPES:
-        got = state.dtype if isinstance(state, torch.Tensor) else type(state).__name__
-        raise TypeError(f"{name} must be a floating torch.Tensor of shape {expected}; got {got}.")
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"{name} must be a floating torch.Tensor of shape {expected}; got {type(state).__name__}.")
     if tuple(state.shape) != tuple(expected):
-        raise ValueError(
-            f"{name} must have shape {expected} (B, H, Dk, Dv); got {_shape(state)}."
-        )
+        raise ValueError(f"{name} must have shape {expected} (B, H, Dk, Dv); got {_shape(state)}.")
+    check_state_dtype(name, state, dtype)
+    _decay.check_not_meta(name, state)
     if state.device != device:
         raise ValueError(f"{name} must be on {device} like q; got {state.device}.")
-    return state.to(compute_dtype_for(dtype))
+    return state
+
+
+def check_state_dtype(name: str, state: torch.Tensor, dtype: torch.dtype) -> None:
+    """A state must be in the compute dtype of `dtype` inputs (fp32, or fp64 for fp64); see `check_state`."""
+    cd = compute_dtype_for(dtype)
+    if state.dtype != cd:
+        cast = (name if name.isidentifier() else "the state") + (".double()" if cd == torch.float64 else ".float()")
+        raise TypeError(
+            f"{name} must be {cd} for {dtype} inputs (states are fp32, fp64 for fp64 inputs, and are never cast "
+            f"silently); got {state.dtype}. Hint: pass {cast} if converting it is what you want."
+        )
 
 
 def validate(
@@ -179,6 +195,7 @@ def validate(
     check_tensor("k", k, 4, "(B, H, N, Dk)")
     check_tensor("v", v, 4, "(B, H, N, Dv)")
     check_same(("q", "k", "v"), (q, k, v))
+    _decay.check_not_meta("q", q)  # and so k and v, on the same device
     for axis, label in ((0, "batch B"), (1, "heads H"), (2, "length N")):
         if not q.shape[axis] == k.shape[axis] == v.shape[axis]:
             raise ValueError(
@@ -218,6 +235,7 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> list[int] | None:
         raise TypeError(f"cu_seqlens must be a 1-D int32/int64 tensor of shape (S + 1,); got {got}.")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be an int32 or int64 tensor; got {cu_seqlens.dtype}.")
+    _decay.check_not_meta("cu_seqlens", cu_seqlens)
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
         raise ValueError(
             f"cu_seqlens must be 1-D of shape (S + 1,) with S >= 1 sequences; got shape {tuple(cu_seqlens.shape)}."
@@ -250,6 +268,7 @@ def check_checkpoints(positions, n: int) -> list[int] | None:
         if positions.is_floating_point() or positions.ndim != 1:
             raise TypeError(f"state_checkpoints must be a 1-D integer tensor or a list of ints; got {positions.dtype} "
                             f"of shape {tuple(positions.shape)}.")
+        _decay.check_not_meta("state_checkpoints", positions)
         positions = positions.tolist()
     if not isinstance(positions, (list, tuple)) or not all(
         isinstance(p, int) and not isinstance(p, bool) for p in positions
@@ -280,10 +299,11 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> Decod
     (which name what is wrong) run only when one of them fails.
     """
     ok = (
-        type(q) is torch.Tensor
-        and type(k) is torch.Tensor
-        and type(v) is torch.Tensor
-        and type(state) is torch.Tensor
+        isinstance(q, torch.Tensor)  # subclasses (nn.Parameter, ...) are tensors like any other
+        and isinstance(k, torch.Tensor)
+        and isinstance(v, torch.Tensor)
+        and isinstance(state, torch.Tensor)
+        and not q.is_meta
         and q.ndim == 3
         and q.shape == k.shape
         and v.ndim == 3
@@ -296,11 +316,12 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> Decod
     expected = (*q.shape, v.shape[2]) if ok else None
     for t in (state, out_state) if ok else ():
         if t is not None and (
-            type(t) is not torch.Tensor or t.shape != expected or t.dtype != cd or t.device != q.device
+            not isinstance(t, torch.Tensor) or t.shape != expected or t.dtype != cd or t.device != q.device
         ):
             ok = False
-    if not ok:
+    if not ok:  # raises with the detail, or finds the inputs valid after all (the fast checks are a shortcut)
         _explain_decode_error(q, k, v, state, out_state)
+        cd = compute_dtype_for(q.dtype)
     return DecodeInputs(
         _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd),
         scale if type(scale) is float and math.isfinite(scale) else check_scale(scale),
@@ -309,10 +330,12 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> Decod
 
 
 def _explain_decode_error(q, k, v, state, out_state) -> None:
+    """The detailed decode checks: raise naming what is wrong, or return when nothing is."""
     check_tensor("q", q, 3, "(B, H, Dk)")
     check_tensor("k", k, 3, "(B, H, Dk)")
     check_tensor("v", v, 3, "(B, H, Dv)")
     check_same(("q", "k", "v"), (q, k, v))
+    _decay.check_not_meta("q", q)  # and so k and v, on the same device
     if q.shape != k.shape or q.shape[:2] != v.shape[:2]:
         raise ValueError(
             f"decode inputs must be q, k (B, H, Dk) and v (B, H, Dv) with one B and H; got q {_shape(q)}, "
@@ -320,18 +343,7 @@ def _explain_decode_error(q, k, v, state, out_state) -> None:
         )
     B, H, Dk = q.shape
     Dv = v.shape[2]
-    cd = compute_dtype_for(q.dtype)
+    if state is None:
+        raise TypeError(f"state must be a torch.Tensor of shape {(B, H, Dk, Dv)}; got None.")
     for name, t in (("state", state), ("out_state", out_state)):
-        if t is None and name == "out_state":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape {(B, H, Dk, Dv)}; got {type(t).__name__}.")
-        if tuple(t.shape) != (B, H, Dk, Dv):
-            raise ValueError(f"{name} must have shape {(B, H, Dk, Dv)} (B, H, Dk, Dv); got {_shape(t)}.")
-        if t.dtype != cd:
-            raise TypeError(
-                f"{name} must be {cd} for {q.dtype} inputs (states accumulate in fp32, fp64 for fp64); got {t.dtype}."
-            )
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on {q.device} like q; got {t.device}.")
-    raise AssertionError("unreachable: the fast checks and the detailed checks disagree")  # pragma: no cover
+        check_state(name, t, (B, H, Dk, Dv), q.device, q.dtype)

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import decay as _decay
 from .api import attention, decode_step
+from .inputs import check_state_dtype
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -30,17 +31,35 @@ _MINIMAX_DERIVED = ("query_decay", "key_decay", "diagonal_decay")
 
 
 class LinearAttentionCache:
-    """One state (B, H, Dk, Dv) per layer, fp32 (fp64 for fp64 models), for a batch of sequences."""
+    """One state (B, H, Dk, Dv) per layer, fp32 (fp64 for fp64 models), for a batch of sequences.
+
+    A state must be in that dtype (the rule of `attention`'s initial_state): one in another dtype is refused with
+    a TypeError, never cast. `seen_tokens` counts the tokens the cache has seen, as transformers' caches do: the
+    tokens of the first layer (the lowest layer index), prefill and decode alike; `get_seq_length(layer_idx)`
+    counts one layer's.
+    """
 
     def __init__(self) -> None:
         self.states: dict[int, torch.Tensor] = {}
-        self.seen_tokens = 0
+        self.tokens: dict[int, int] = {}  # per layer: tokens whose state this cache holds
 
     def get(self, layer_idx: int) -> torch.Tensor | None:
         return self.states.get(layer_idx)
 
-    def update(self, layer_idx: int, state: torch.Tensor) -> None:
+    def update(self, layer_idx: int, state: torch.Tensor, new_tokens: int = 0) -> None:
+        """Store the state of layer `layer_idx` after `new_tokens` more tokens (the layer passes its length)."""
         self.states[layer_idx] = state
+        self.tokens[layer_idx] = self.tokens.get(layer_idx, 0) + new_tokens
+
+    def get_seq_length(self, layer_idx: int | None = None) -> int:
+        """Tokens seen by layer `layer_idx` (by default the first layer), 0 before its first forward."""
+        if layer_idx is None:
+            layer_idx = min(self.tokens, default=None)
+        return self.tokens.get(layer_idx, 0)
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.get_seq_length()
 
     @property
     def batch_size(self) -> int | None:
@@ -60,7 +79,7 @@ class LinearAttentionCache:
 
     def reset(self) -> None:
         self.states.clear()
-        self.seen_tokens = 0
+        self.tokens.clear()
 
 
 class DecayingLinearAttention(nn.Module):
@@ -140,6 +159,8 @@ class DecayingLinearAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.split(d, dim=3))  # (B, H, N, D) views
         log_decay = self.log_decay.clamp(max=0.0) if self.log_decay.requires_grad else self.log_decay
         state = cache.get(self.layer_idx) if cache is not None else None
+        if state is not None:
+            check_state_dtype(f"the cache's state of layer {self.layer_idx}", state, q.dtype)
         if cache is not None and state is not None and n == 1 and not torch.is_grad_enabled():
             o, state = decode_step(
                 q[:, :, 0], k[:, :, 0], v[:, :, 0], state, log_decay=log_decay, scale=self.scale, out_state=state
@@ -159,7 +180,7 @@ class DecayingLinearAttention(nn.Module):
             o, state = result if cache is not None else (result, None)
             o = o.transpose(1, 2)  # (B, N, H, D)
         if cache is not None:
-            cache.update(self.layer_idx, state)
+            cache.update(self.layer_idx, state, n)
         o = o.reshape(b, n, h * d)
         if self.norm is not None:
             # normalised in fp32 for half-precision models, as MiniMax does

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from .api import attention
+from .decay import check_not_meta
 from .methods import REGISTRY
 
 log = logging.getLogger("leetdecoding")
@@ -42,9 +43,12 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
     """The original entry point. q, k: (B, H, N, Dk); v: (B, H, N, Dv); returns o (B, H, N, Dv).
 
     is_mask_weight=False: plain causal linear attention (lambda = 1). With is_mask_weight=True, gamma (H,) gives
-    lambda = exp(-gamma) when is_need_exp, else lambda = gamma. attn_method: None (choose automatically), one of
-    the original names (ALIASES) or a method name of this library.
+    lambda = exp(-gamma) when is_need_exp (gamma >= 0), else lambda = gamma (in (0, 1]). gamma is a real tensor
+    (its dtype and device are converted as `attention` converts a decay); errors about it name gamma.
+    attn_method: None (choose automatically), one of the original names (ALIASES) or a method name of this library.
     """
+    _check_flag("is_mask_weight", is_mask_weight)
+    _check_flag("is_need_exp", is_need_exp)
     if gamma is not None and not is_mask_weight:
         raise ValueError("gamma is given but is_mask_weight=False; pass is_mask_weight=True to use the decay gamma.")
     if is_mask_weight and gamma is None:
@@ -53,16 +57,42 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
     if not is_mask_weight:
         return attention(q, k, v, method=method)
     heads = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 4 else None
-    if not isinstance(gamma, torch.Tensor) or gamma.ndim != 1 or (heads is not None and gamma.shape[0] != heads):
-        got = tuple(gamma.shape) if isinstance(gamma, torch.Tensor) else type(gamma).__name__
-        raise ValueError(f"gamma must be a tensor of shape ({heads},) (one value per head); got {got}.")
+    _check_gamma(gamma, heads, is_need_exp)
     if is_need_exp:
-        if bool((gamma < 0).any()):
-            raise ValueError(
-                f"with is_need_exp=True, lambda = exp(-gamma) needs gamma >= 0; got {gamma.min().item():.6g}."
-            )
         return attention(q, k, v, log_decay=-gamma, method=method)
     return attention(q, k, v, decay=gamma, method=method)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False); got {type(value).__name__} {value!r}.")
+
+
+def _check_gamma(gamma, heads: int | None, is_need_exp: bool) -> None:
+    """Check gamma in the caller's convention, so that no error names the decay it is converted to."""
+    convention = "lambda = exp(-gamma)" if is_need_exp else "lambda = gamma"
+    if not isinstance(gamma, torch.Tensor):
+        raise TypeError(
+            f"gamma must be a tensor of shape ({heads},) (one value per head, {convention}); got "
+            f"{type(gamma).__name__}. Hint: torch.tensor(values) or torch.full(({heads},), value)."
+        )
+    if gamma.dtype == torch.bool or gamma.is_complex():
+        raise TypeError(f"gamma must be a real tensor ({convention}); got {gamma.dtype}. Hint: gamma.float().")
+    check_not_meta("gamma", gamma)
+    if gamma.ndim != 1 or (heads is not None and gamma.shape[0] != heads):
+        raise ValueError(f"gamma must be a tensor of shape ({heads},) (one value per head); got {tuple(gamma.shape)}.")
+    g = gamma.detach().double()
+    if is_need_exp:
+        bad = ~torch.isfinite(g) | (g < 0)
+        rule = "with is_need_exp=True, lambda = exp(-gamma) needs gamma >= 0 and finite"
+        hint = "gamma = 0 is no decay; pass is_need_exp=False if gamma holds lambda itself."
+    else:
+        bad = ~torch.isfinite(g) | (g <= 0) | (g > 1)
+        rule = "with is_need_exp=False, lambda = gamma must be in (0, 1]"
+        hint = "pass is_need_exp=True if gamma holds a rate s with lambda = exp(-s)."
+    if bool(bad.any()):
+        values = ", ".join(f"{x:.6g}" for x in g[bad].tolist()[:4])
+        raise ValueError(f"{rule}; got gamma = {values}. Hint: {hint}")
 
 
 def _method_name(attn_method, q) -> str:
@@ -70,6 +100,11 @@ def _method_name(attn_method, q) -> str:
         return "auto"
     if not isinstance(attn_method, str):
         raise TypeError(f"attn_method must be a string or None; got {type(attn_method).__name__}.")
+    if attn_method not in ALIASES and attn_method not in REGISTRY:
+        raise ValueError(
+            f"attn_method must be None, an original name ({', '.join(ALIASES)}) or a method of this library "
+            f"({', '.join(REGISTRY)}); got unknown method {attn_method!r}."
+        )
     if attn_method in GPU_KERNELS:
         kernel = REGISTRY[GPU_KERNELS[attn_method]]
         on_gpu = isinstance(q, torch.Tensor) and q.device.type == "cuda"

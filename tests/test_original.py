@@ -54,7 +54,7 @@ def test_errors():
         ld.causal_linear_decoder(q, k, v, is_mask_weight=True)
     with pytest.raises(ValueError, match="needs gamma >= 0"):
         ld.causal_linear_decoder(q, k, v, is_mask_weight=True, gamma=-torch.ones(8))
-    with pytest.raises(ValueError, match=r"decay must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"is_need_exp=False, lambda = gamma must be in \(0, 1\]; got gamma = 2"):
         ld.causal_linear_decoder(q, k, v, is_mask_weight=True, gamma=torch.full((8,), 2.0), is_need_exp=False)
     with pytest.raises(ValueError, match="unknown method 'lightning3'"):
         ld.causal_linear_decoder(q, k, v, attn_method="lightning3")

@@ -9,7 +9,8 @@
 forward keeps the module's own projections, activation, padding mask, norm and output gate, and replaces the
 attention in between: a prefill by `leetdecoding.attention` (method "auto": vanilla up to 128 tokens, chunked
 beyond), one or many new tokens after a cached state by `attention(initial_state=...)`, one token by `decode_step`.
-The state it stores in the cache is fp32 (fp64 for fp64 models) whatever the model dtype.
+The state it stores in the cache is fp32 (fp64 for fp64 models) whatever the model dtype, and a state it reads
+from the cache must be in that dtype (TypeError otherwise, as for `attention`'s initial_state: never cast silently).
 
 Only instances change: `module.forward` is set on each layer, and an attribute `_leetdecoding_patch` records the
 original. No parameter or buffer is added, renamed or removed, so `state_dict`, `load_state_dict` and
@@ -33,6 +34,7 @@ from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttenti
 import leetdecoding as ld
 from leetdecoding.amp import autocast_off
 from leetdecoding.decay import log_decay_from
+from leetdecoding.inputs import check_state_dtype
 from leetdecoding.methods.recurrent import step, step_decay
 
 from .hf_minimax_cache import LeetMiniMaxCache
@@ -81,12 +83,8 @@ def _neg_slope(slope: torch.Tensor) -> torch.Tensor:
     return -slope.detach().reshape(-1)
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _cached_state(cache, layer_idx: int, dtype: torch.dtype):
-    """This layer's state in `cache` in the state dtype, or None before the layer's first forward."""
+    """This layer's state in `cache` (in the state dtype, else TypeError), or None before the layer's first forward."""
     if cache is None:
         return None
     if not hasattr(cache, "get_linear_cache"):
@@ -97,7 +95,10 @@ def _cached_state(cache, layer_idx: int, dtype: torch.dtype):
     state = cache.get_linear_cache(layer_idx)
     if not isinstance(state, torch.Tensor):
         return None
-    return state.to(_state_dtype(dtype))
+    # never cast (the rule of leetdecoding.attention's initial_state): a state in another dtype comes from a
+    # cache that the unpatched model filled, whose bf16 / fp16 state has already lost the fp32 accuracy
+    check_state_dtype(f"the cache's linear state of layer {layer_idx}", state, dtype)
+    return state
 
 
 def _attend(self, rec: _Patch, qkv: torch.Tensor, state):
@@ -139,6 +140,8 @@ def _lightning_forward(
     o = self.out_proj(F.sigmoid(self.output_gate(hidden_states)) * self.norm(o))
     if cache is not None:
         cache.set_linear_cache(self.layer_idx, state)
+        if hasattr(cache, "add_linear_tokens"):  # LeetMiniMaxCache counts tokens in models without keys
+            cache.add_linear_tokens(self.layer_idx, n)
     return o, state
 
 

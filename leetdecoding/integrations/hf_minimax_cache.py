@@ -11,6 +11,8 @@ What it fixes (transformers 5.x):
   states keep the old beam order. Here they are reordered with the keys and values.
 - `batch_repeat_interleave` / `batch_select_indices` index the list of linear states by every layer index and
   fail when the last layers are full attention. Here each kind of layer is handled from its own list.
+- A model whose layers are all linear attention holds no keys, and MiniMaxCache reports 0 tokens whatever it has
+  seen. Here the patched forward counts the tokens of each linear layer, and the length falls back to that count.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from transformers.models.minimax.modeling_minimax import MiniMaxCache
 class LeetMiniMaxCache(MiniMaxCache):
     """A MiniMaxCache that counts seen tokens on a full-attention layer and keeps linear states in beam order."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.linear_tokens: dict[int, int] = {}  # per linear layer: tokens seen (counted by the patched forward)
+
     def _length_layer(self, layer_idx: int) -> int | None:
         """The layer whose keys give the sequence length: `layer_idx` if it holds keys, else the first that does."""
         if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
@@ -30,7 +36,14 @@ class LeetMiniMaxCache(MiniMaxCache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         i = self._length_layer(layer_idx)
-        return 0 if i is None else self.layers[i].get_seq_length()
+        if i is not None:
+            return self.layers[i].get_seq_length()
+        counts = self.linear_tokens  # no layer holds keys: what the linear layers have seen
+        return counts.get(layer_idx, counts[min(counts)] if counts else 0)
+
+    def add_linear_tokens(self, layer_idx: int, n: int) -> None:
+        """Count `n` more tokens through linear-attention layer `layer_idx` (called by the patched forward)."""
+        self.linear_tokens[layer_idx] = self.linear_tokens.get(layer_idx, 0) + n
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         i = self._length_layer(layer_idx)
@@ -65,3 +78,4 @@ class LeetMiniMaxCache(MiniMaxCache):
         """Forget every key, value and linear state (the next forward is a prefill)."""
         super().reset()
         self.linear_cache = [[] for _ in self.linear_cache]
+        self.linear_tokens = {}

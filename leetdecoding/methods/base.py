@@ -198,6 +198,16 @@ def elem_bytes(x: AttentionInputs) -> int:
     return torch.finfo(x.compute_dtype).bits // 8
 
 
+# Every extra_memory_bytes is a count of the tensors its forward holds at its peak, times this margin for what the
+# count leaves out (small tables, allocator rounding). The counts are checked against measured peaks by
+# tests/test_memory_estimates.py and benchmarks/memory_estimates.py.
+MEMORY_MARGIN = 1.1
+
+
+def with_margin(nbytes: float) -> int:
+    return int(nbytes * MEMORY_MARGIN)
+
+
 def upcast_bytes(x: AttentionInputs) -> int:
     """Memory of compute-dtype copies of q, k, v when the inputs are low precision."""
     if x.dtype == x.compute_dtype:

@@ -32,7 +32,16 @@ from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs, compute_dtype_for
 from ..memo import ValueMemo
 from .autograd import twice_differentiable_grads
-from .base import Method, causal_decay_matrix, decay_factor, decay_powers, elem_bytes, log_decay_grad, output_buffer
+from .base import (
+    Method,
+    causal_decay_matrix,
+    decay_factor,
+    decay_powers,
+    elem_bytes,
+    log_decay_grad,
+    output_buffer,
+    with_margin,
+)
 
 
 def segment_length(q: torch.Tensor, dv: int, chunk_size: int, segment_bytes: int) -> int:
@@ -197,13 +206,13 @@ class Chunked(Method):
     def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **o) -> int:
         c = max(1, min(chunk_size, x.seq_len))
         seg = min(segment_length(x.q, x.dv, c, segment_bytes), -(-x.seq_len // c) * c)
-        # per token of a segment: scores and their masked copy (2C), decayed q and k, intra and inter outputs,
-        # compute-dtype copies of q, k, v; per chunk: its state contribution and its start state
-        per_token = 2 * c + 2 * x.dk + 2 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
+        # per token of a segment: scores and their masked copy (2C), decayed q and k, intra and inter outputs and
+        # their sum, compute-dtype copies of q, k, v; per chunk: its state contribution and its start state
+        per_token = 2 * c + 2 * x.dk + 3 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
         per_head = seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
         if x.requires_grad:  # the segment-start states kept for the backward
             per_head += -(-x.seq_len // max(seg, 1)) * x.dk * x.dv  # (no segment at N = 0)
-        return elem_bytes(x) * x.batch * x.heads * per_head
+        return with_margin(elem_bytes(x) * x.batch * x.heads * per_head)
 
     def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **options):
         args = (x.scale, chunk_size, segment_bytes)

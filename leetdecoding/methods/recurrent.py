@@ -12,7 +12,7 @@ from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs
 from ..memo import ValueMemo
 from .autograd import twice_differentiable_grads
-from .base import Method, decay_factor, elem_bytes, log_decay_grad, output_buffer
+from .base import Method, decay_factor, elem_bytes, log_decay_grad, output_buffer, with_margin
 
 _FACTORS = ValueMemo()
 
@@ -122,10 +122,10 @@ class Recurrent(Method):
         return 4.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv
 
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
-        per_head = 2 * x.dk * x.dv + x.dk + x.dv
+        per_head = 3 * x.dk * x.dv + 2 * (x.dk + x.dv)  # zeros, the update buffer and the final clone; a token
         if x.requires_grad:  # saved states for the backward, and one stretch of recomputed states in it
             per_head += (x.seq_len // CHECKPOINT_EVERY + 1 + CHECKPOINT_EVERY) * x.dk * x.dv
-        return elem_bytes(x) * x.batch * x.heads * per_head
+        return with_margin(elem_bytes(x) * x.batch * x.heads * per_head)
 
     def forward(self, x: AttentionInputs, **options):
         if x.requires_grad:

@@ -22,6 +22,7 @@ from .base import (
     finish,
     initial_state_output,
     state_contribution,
+    with_margin,
 )
 
 LEAF = 32  # tokens per leaf; the original recursed down to 4, where Python overhead dominates
@@ -47,7 +48,10 @@ class Recursion(Method):
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
         p = padded_length(x.seq_len)
         per_head = p * (2 * x.dk + 3 * x.dv + 2 * LEAF) + 2 * (p // (2 * LEAF)) * x.dk * x.dv
-        return elem_bytes(x) * x.batch * x.heads * per_head
+        if x.requires_grad:  # autograd keeps each level's decayed right-half queries and outputs, and the leaves'
+            levels = int(math.log2(p // LEAF))
+            per_head += levels * p * (2 * x.dk + x.dv) // 2 + 2 * p * LEAF  # measured: about p * Dk per level
+        return with_margin(elem_bytes(x) * x.batch * x.heads * per_head)
 
     def forward(self, x: AttentionInputs, **options):
         cd = x.compute_dtype

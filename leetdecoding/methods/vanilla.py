@@ -11,6 +11,7 @@ from .base import (
     finish,
     initial_state_output,
     upcast_bytes,
+    with_margin,
 )
 
 
@@ -25,9 +26,20 @@ class Vanilla(Method):
         return 2.0 * x.batch * x.heads * x.seq_len**2 * (x.dk + x.dv)
 
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
-        # scores and the decay mask (N, N) per batch and head, plus upcast copies and the fp32 output
-        n2 = x.batch * x.heads * x.seq_len**2 * 2 + x.heads * x.seq_len**2
-        return elem_bytes(x) * (n2 + x.batch * x.heads * x.seq_len * x.dv) + upcast_bytes(x)
+        # Counted from forward (bench/memory.py measures it: benchmarks/memory_estimates.py). While the decay
+        # mask is built, Q K^T (B H N^2) is alive beside the index differences (N^2) and decay_factor's tables
+        # per head: the exponent (compute dtype), exp and its zeros and where in fp64, a bool mask (25 bytes);
+        # then the masked product (B H N^2) beside the mask (H N^2).
+        e, n2, bh = elem_bytes(x), x.seq_len**2, x.batch * x.heads
+        mask_build = e * n2 + (e + 25) * x.heads * n2
+        product = e * (bh + x.heads) * n2
+        matrices = e * bh * n2 + max(mask_build, product)
+        # with grad, autograd keeps the mask and the product, both counted above; Q K^T and decay_factor's exp
+        # table too when the decay needs a gradient
+        if x.requires_grad and x.log_decay.requires_grad:
+            matrices += e * bh * n2 + 8 * x.heads * n2
+        # the output in the compute dtype, the initial state's term and their sum, and upcast q, k, v
+        return with_margin(matrices + 3 * e * bh * x.seq_len * x.dv + upcast_bytes(x))
 
     def forward(self, x: AttentionInputs, **options):
         cd = x.compute_dtype
