@@ -100,10 +100,10 @@ def _method_name(attn_method, q) -> str:
         return "auto"
     if not isinstance(attn_method, str):
         raise TypeError(f"attn_method must be a string or None; got {type(attn_method).__name__}.")
-    if attn_method not in ALIASES and attn_method not in REGISTRY:
+    if attn_method != "auto" and attn_method not in ALIASES and attn_method not in REGISTRY:
         raise ValueError(
-            f"attn_method must be None, an original name ({', '.join(ALIASES)}) or a method of this library "
-            f"({', '.join(REGISTRY)}); got unknown method {attn_method!r}."
+            f"attn_method must be None, 'auto', an original name ({', '.join(ALIASES)}) or a method of this "
+            f"library ({', '.join(REGISTRY)}); got unknown method {attn_method!r}."
         )
     if attn_method in GPU_KERNELS:
         kernel = REGISTRY[GPU_KERNELS[attn_method]]
