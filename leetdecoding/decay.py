@@ -10,10 +10,13 @@ conventions users meet; pass the result as `log_decay=`.
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 
+import numpy
 import torch
 
-from .memo import CheckedTensors, ValueMemo
+from .memo import CheckedTensors, ValueMemo, tracing
 
 __all__ = [
     "canonical_log_decay",
@@ -45,9 +48,18 @@ def _as_float_tensor(name: str, x, dtype: torch.dtype | None = None) -> torch.Te
             raise TypeError(f"{name} must be a real tensor; got {x.dtype}.")
         check_not_meta(name, x)
         return x.to(dtype) if dtype is not None else x.to(torch.float64)
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, (bool, numpy.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a float or a (H,) tensor; got {type(x).__name__} {x!r}.")
-    return torch.tensor(float(x), dtype=dtype or torch.float64)
+    return torch.tensor(_as_float(x), dtype=dtype or torch.float64)
+
+
+def _as_float(x: numbers.Real) -> float:
+    """float(x); a Python int beyond the float range stands for the largest float of its sign (a decay that far
+    out is then refused by its range check, a log decay that far below 0 is the limit lambda = 0)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return sys.float_info.max if x > 0 else -sys.float_info.max
 
 
 def _describe_bad(t: torch.Tensor, bad: torch.Tensor) -> str:
@@ -71,7 +83,7 @@ def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtyp
     calls with the same values: read it, never modify it in place.
     """
     raw = decay if decay is not None else log_decay
-    if decay is not None and log_decay is not None or raw is None or torch.compiler.is_compiling():
+    if decay is not None and log_decay is not None or raw is None or tracing():
         return _canonical(decay, log_decay, heads, device, dtype)
     is_decay = decay is not None
     key = (is_decay, heads, device, dtype)
@@ -82,7 +94,7 @@ def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtyp
     if type(raw) in (float, int):  # a python number is its own value key
         return _VALIDATED.get(("number", raw, key), lambda: check(raw))
     if not isinstance(raw, torch.Tensor):
-        return check(raw)  # raises the TypeError
+        return check(raw)  # a numpy scalar, not remembered; anything else raises the TypeError
     return _from_tensor(raw, key, _log if is_decay else _same, check)
 
 
@@ -111,7 +123,7 @@ def _from_tensor(source: torch.Tensor, key: tuple, to_log_decay, check) -> torch
     (see leetdecoding.memo). On a GPU, reading them would be a host sync per call (per layer and token when
     decoding): there check() runs once per tensor and version, and later calls convert on the device,
     `to_log_decay(source)` placed as check() places it, so a result always holds the current values."""
-    if source.device.type in ("cpu", "meta") or source.requires_grad or torch.compiler.is_compiling():
+    if source.device.type in ("cpu", "meta") or source.requires_grad or tracing():
         return _VALIDATED.derive(source, key, check)
     heads, device, dtype = key[1:]
     key = (*key, source.dtype, tuple(source.shape))

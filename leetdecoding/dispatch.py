@@ -214,9 +214,14 @@ def choose(x: AttentionInputs, method: str = "auto") -> Choice:
         opts = options_for(m, x)
         reasons, need = reasons_for(m, x, opts, memory)
         if reasons:
+            hint = (
+                f"unset {ENV_METHOD} (or set it to 'auto') so that auto picks a method that can"
+                if method == "auto"
+                else "method='auto' picks one that can"
+            )
             raise MethodRefusedError(
-                f"method {name!r} cannot run {x.describe()}: " + "; ".join(reasons) + ". "
-                "Hint: method='auto' picks one that can (see leetdecoding.explain)."
+                f"method {name!r} cannot run {x.describe()}: " + "; ".join(reasons)
+                + f". It is {forced_by(method, name)}. Hint: {hint} (see leetdecoding.explain)."
             )
         return Choice(m, opts, forced_by(method, name), {}, need)
     order, why = priority(x)
@@ -253,7 +258,8 @@ class Explanation:
     def __repr__(self) -> str:
         lines = [f"inputs: {self.inputs}"]
         if self.method is None:
-            lines.append(f"no method can run these inputs: {self.reason}")
+            what = "the forced method cannot run these inputs" if self.forced else "no method can run these inputs"
+            lines.append(f"{what}: {self.reason}")
         else:
             opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
             lines.append(f"chosen: {self.method}" + (f" ({opts})" if opts else ""))
@@ -262,7 +268,8 @@ class Explanation:
         for n, r in self.refusals.items():
             lines.append(f"refused: {n}: {'; '.join(r)}")
         if self.forced and self.others:  # never chosen while the method is forced, whatever their priority
-            lines.append(f"not used ({self.method} is {self.reason}): {', '.join(self.others)} could also run these")
+            forced = f"{self.method} is {self.reason}" if self.method else "another method is forced"
+            lines.append(f"not used ({forced}): {', '.join(self.others)} could also run these")
         else:
             lines.extend(f"also possible (lower priority): {n}" for n in self.others)
         return "\n".join(lines)
@@ -274,19 +281,18 @@ def explain(x: AttentionInputs, method: str = "auto") -> Explanation:
     described = x.describe()
     x = representative(x)
     memory: dict = {}
+    forced = resolve_name(method) != "auto"
     try:
         c = choose(x, method)
     except MethodRefusedError as e:
-        refusals = {n: reasons_for(m, x, options_for(m, x), memory)[0] for n, m in REGISTRY.items()}
-        return Explanation(described, None, {}, str(e), {n: r for n, r in refusals.items() if r}, [], 0)
+        chosen, options, reason, estimate = None, {}, str(e), 0
+    else:
+        chosen, options, reason, estimate = c.method.name, c.options, c.reason, c.estimate_bytes
     refusals, others = {}, []
     for n, m in REGISTRY.items():
-        if n == c.method.name:
-            continue
         r = reasons_for(m, x, options_for(m, x), memory)[0]
         if r:
             refusals[n] = r
-        else:
+        elif n != chosen:
             others.append(n)
-    forced = resolve_name(method) != "auto"
-    return Explanation(described, c.method.name, c.options, c.reason, refusals, others, c.estimate_bytes, forced)
+    return Explanation(described, chosen, options, reason, refusals, others, estimate, forced)

@@ -319,6 +319,8 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> Decod
             not isinstance(t, torch.Tensor) or t.shape != expected or t.dtype != cd or t.device != q.device
         ):
             ok = False
+    if ok and out_state is not None and not out_state.is_contiguous():
+        ok = False  # the detailed checks look for elements it holds twice
     if not ok:  # raises with the detail, or finds the inputs valid after all (the fast checks are a shortcut)
         _explain_decode_error(q, k, v, state, out_state)
         cd = compute_dtype_for(q.dtype)
@@ -347,3 +349,9 @@ def _explain_decode_error(q, k, v, state, out_state) -> None:
         raise TypeError(f"state must be a torch.Tensor of shape {(B, H, Dk, Dv)}; got None.")
     for name, t in (("state", state), ("out_state", out_state)):
         check_state(name, t, (B, H, Dk, Dv), q.device, q.dtype)
+    if out_state is not None and any(st == 0 and n > 1 for st, n in zip(out_state.stride(), out_state.shape)):
+        raise ValueError(
+            f"out_state is written in place and must hold each element once; got a view with strides "
+            f"{out_state.stride()} for shape {_shape(out_state)} (an expanded tensor). Hint: pass "
+            "out_state.contiguous(), or a buffer of its own, and keep the returned state."
+        )

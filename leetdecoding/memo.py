@@ -8,7 +8,8 @@ bakes a remembered tensor into its graph, and another thread can write between t
 - the key is the values themselves: a small CPU tensor's values are read once per call (`snapshot`, H entries),
   and the result is computed from exactly those values, never from the live tensor, so an entry always holds
   the tables of its key, whoever writes the tensor meanwhile;
-- nothing is remembered while torch.compile traces (the graph computes from its inputs), for tensors that require
+- nothing is remembered while a graph is recorded (torch.compile, torch.jit.trace: the graph computes from its
+  inputs), for tensors that require
   grad, or for tensors on other devices (reading their values would be a host sync per call: there the tables
   are rebuilt per call, on the device, without a sync);
 - one lock guards the dict, so concurrent calls never see it half updated.
@@ -37,11 +38,17 @@ def snapshot(t: torch.Tensor) -> tuple[Hashable, Callable[[], torch.Tensor]] | N
     torch.compile traces, for a tensor that requires grad, on another device than the CPU, under vmap, or for more
     than MAX_ELEMENTS values."""
     # this runs twice per decode step: the cheapest tests first (is_cpu, unlike device.type, makes no object)
-    if not t.is_cpu or t.requires_grad or t.numel() > MAX_ELEMENTS or torch.compiler.is_compiling() or _is_wrapped(t):
+    if not t.is_cpu or t.requires_grad or t.numel() > MAX_ELEMENTS or tracing() or _is_wrapped(t):
         return None
     values = tuple((t if t.ndim == 1 else t.reshape(-1)).tolist())  # exact: every dtype's values are Python's
     dtype, shape = t.dtype, t.shape
     return (dtype, shape, values), lambda: torch.tensor(values, dtype=dtype).reshape(shape)
+
+
+def tracing() -> bool:
+    """Whether a graph is being recorded (torch.compile, or torch.jit.trace and so the legacy ONNX export): a
+    value read on the host there would become a constant of the graph instead of a function of its inputs."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _versions(result) -> int | tuple[int, ...]:
@@ -63,7 +70,10 @@ class ValueMemo:
             if hit is not None and hit[1] == _versions(hit[0]):  # a caller that modified a shared result loses it
                 self._entries.move_to_end(key)
                 return hit[0]
-        result = compute()  # outside the lock: it may be slow, and may use other memos
+        # outside the lock: it may be slow, and may use other memos. Never as an inference tensor (under
+        # torch.inference_mode): a remembered result must serve later calls with autograd on, and have a version
+        with torch.inference_mode(False):
+            result = compute()
         with self._lock:
             self._entries[key] = (result, _versions(result))
             while len(self._entries) > self._size:
@@ -98,12 +108,16 @@ class CheckedTensors:
         self._lock = threading.Lock()
 
     def passed(self, t: torch.Tensor, key: Hashable) -> bool:
+        if t.is_inference():  # no version counter: checked on every call
+            return False
         with self._lock:
             hit = self._entries.get((id(t), key))
             return hit is not None and hit[0]() is t and hit[1] == t._version
 
     def check(self, t: torch.Tensor, key: Hashable, run_check: Callable[[], T]) -> T:
         """run_check() (which raises if `t` fails), remembered as passed for `t` at the version read before."""
+        if t.is_inference():
+            return run_check()
         version = t._version  # read first: a write during the check leaves the entry stale, so it runs again
         result = run_check()
         with self._lock:

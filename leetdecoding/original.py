@@ -12,6 +12,7 @@ import torch
 
 from .api import attention
 from .decay import check_not_meta
+from .dispatch import MethodRefusedError
 from .methods import REGISTRY
 
 log = logging.getLogger("leetdecoding")
@@ -54,13 +55,22 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
     if is_mask_weight and gamma is None:
         raise ValueError("is_mask_weight=True needs gamma, a tensor of shape (H,); got gamma=None.")
     method = _method_name(attn_method, q)
-    if not is_mask_weight:
-        return attention(q, k, v, method=method)
-    heads = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 4 else None
-    _check_gamma(gamma, heads, is_need_exp)
-    if is_need_exp:
-        return attention(q, k, v, log_decay=-gamma, method=method)
-    return attention(q, k, v, decay=gamma, method=method)
+    decay = {}
+    if is_mask_weight:
+        heads = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 4 else None
+        _check_gamma(gamma, heads, is_need_exp)
+        if not gamma.is_floating_point():  # an integer rate: negated as a float (-uint8 would wrap around)
+            gamma = gamma.double()
+        decay = {"log_decay": -gamma} if is_need_exp else {"decay": gamma}
+    try:
+        return attention(q, k, v, method=method, **decay)
+    except MethodRefusedError as e:
+        if attn_method is None or attn_method == "auto":
+            raise
+        raise MethodRefusedError(
+            f"attn_method={attn_method!r} (method {method!r} here) cannot run these inputs: {e} "
+            "Pass attn_method=None to choose one that can."
+        ) from None
 
 
 def _check_flag(name: str, value) -> None:

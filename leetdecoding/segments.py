@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .inputs import AttentionInputs
+from .memo import tracing
 from .methods.base import Method, new_output
 from .methods.recurrent import Recurrent
 
@@ -90,10 +91,11 @@ def forward(method: Method, x: AttentionInputs, options: dict):
 
 def _suspect(x: AttentionInputs, o: torch.Tensor, state: torch.Tensor | None) -> bool:
     """Whether the result holds a non-finite value while k or v do. The output is summed in fp32 or wider (a
-    sum that overflows only costs the second check). Skipped while torch.compile traces (the check needs the
-    value: a graph break, or no fullgraph compile at all) and while a CUDA graph is captured (a sync is not
-    allowed there): compiled and captured calls get the method's own result, exact for finite inputs."""
-    if torch.compiler.is_compiling():
+    sum that overflows only costs the second check). Skipped while a graph is recorded (torch.compile needs the
+    value: a graph break, or no fullgraph compile at all; torch.jit.trace would bake the branch in) and while a
+    CUDA graph is captured (a sync is not allowed there): compiled and captured calls get the method's own
+    result, exact for finite inputs."""
+    if tracing():
         return False
     if o.is_cuda and torch.cuda.is_current_stream_capturing():
         return False

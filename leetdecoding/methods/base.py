@@ -218,23 +218,30 @@ def upcast_bytes(x: AttentionInputs) -> int:
 SCAN_BLOCK = 16  # tokens per block of discounted_cumsum; each level up covers SCAN_BLOCK times more
 
 
-def _expand(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(1, H, a, b) -> (1, H, 1.., a, b) with ndim dims."""
-    return t.view(1, t.shape[1], *(1,) * (ndim - 4), *t.shape[2:])
+def _apply_decay_matrix(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d @ x for a decay matrix d (1, H, n, n) and x (B, H, ..., n, F).
+
+    A broadcasting `@` copies d for every batch row, group and block: n values per token beside x's F. Where
+    that copy would outweigh x (F < n), one matmul per head over every other axis instead (an einsum, which copies
+    x once); elsewhere the broadcasting matmul, measured faster there.
+    """
+    if x.shape[-1] < d.shape[-1]:
+        return torch.einsum("hts,bh...sf->bh...tf", d[0], x)
+    return d.view(1, d.shape[1], *(1,) * (x.ndim - 4), *d.shape[2:]) @ x
 
 
 def discounted_cumsum(x: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
     """y_t = lambda_h y_{t-1} + x_t along dim -2 of x (B, H, ..., N, F); y_{-1} = initial (B, H, ..., F) or 0."""
     n = x.shape[-2]
     if n <= SCAN_BLOCK:
-        y = _expand(causal_decay_matrix(log_decay, n), x.ndim) @ x
+        y = _apply_decay_matrix(causal_decay_matrix(log_decay, n), x)
         if initial is not None:
             steps = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
             y = y + decay_powers(log_decay, steps, x.ndim) * initial.unsqueeze(-2)
         return y
     nb = math.ceil(n / SCAN_BLOCK)
     xb = F.pad(x, (0, 0, 0, nb * SCAN_BLOCK - n)).unflatten(-2, (nb, SCAN_BLOCK))
-    y = _expand(causal_decay_matrix(log_decay, SCAN_BLOCK), xb.ndim) @ xb
+    y = _apply_decay_matrix(causal_decay_matrix(log_decay, SCAN_BLOCK), xb)
     # value at the end of each block, then the same scan one level up with lambda^SCAN_BLOCK
     # (clamped: lambda^SCAN_BLOCK of a tiny lambda overflows its log to -inf, which the next level multiplies by 0)
     ends = discounted_cumsum(y[..., -1, :], finite_log(log_decay * SCAN_BLOCK), initial)

@@ -27,11 +27,11 @@ class Vanilla(Method):
 
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
         # Counted from forward (bench/memory.py measures it: benchmarks/memory_estimates.py). While the decay
-        # mask is built, Q K^T (B H N^2) is alive beside the index differences (N^2) and decay_factor's tables
-        # per head: the exponent (compute dtype), exp and its zeros and where in fp64, a bool mask (25 bytes);
-        # then the masked product (B H N^2) beside the mask (H N^2).
+        # mask is built, Q K^T (B H N^2) is alive beside the index differences and their clamped copy (fp64,
+        # N^2 each) and decay_factor's tables per head: the exponent (compute dtype), exp and its zeros and where
+        # in fp64, a bool mask (25 bytes); then the masked product (B H N^2) beside the mask (H N^2).
         e, n2, bh = elem_bytes(x), x.seq_len**2, x.batch * x.heads
-        mask_build = e * n2 + (e + 25) * x.heads * n2
+        mask_build = 17 * n2 + (e + 25) * x.heads * n2
         product = e * (bh + x.heads) * n2
         matrices = e * bh * n2 + max(mask_build, product)
         # with grad, autograd keeps the mask and the product, both counted above; Q K^T and decay_factor's exp
