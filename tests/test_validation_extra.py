@@ -166,8 +166,8 @@ def test_original_flags_and_method_names():
         ld.causal_linear_decoder(q, k, v, is_mask_weight=1, gamma=gamma)
     with pytest.raises(TypeError, match="is_need_exp must be a bool.*got str 'no'"):
         ld.causal_linear_decoder(q, k, v, is_mask_weight=True, gamma=gamma, is_need_exp="no")
-    with pytest.raises(ValueError, match="attn_method must be None, .auto., an original name .*lightningAttention2.*got "
-                                         "unknown method 'flash'"):  # fmt: skip
+    with pytest.raises(ValueError, match="attn_method must be None, .auto., an original name .*lightningAttention2.*"
+                                         "got unknown method 'flash'"):  # fmt: skip
         ld.causal_linear_decoder(q, k, v, is_mask_weight=True, gamma=gamma, attn_method="flash")
     with pytest.raises(ValueError, match=r"gamma must be a tensor of shape \(2,\).*got \(2, 1\)"):
         ld.causal_linear_decoder(q, k, v, is_mask_weight=True, gamma=torch.ones(2, 1))
