@@ -206,6 +206,7 @@ def representative(x: AttentionInputs) -> AttentionInputs:
 
 
 def choose(x: AttentionInputs, method: str = "auto") -> Choice:
+    described = x.describe()  # the caller's inputs; the checks see the largest single call they make
     x = representative(x)
     name = resolve_name(method)
     memory: dict = {}
@@ -220,7 +221,7 @@ def choose(x: AttentionInputs, method: str = "auto") -> Choice:
                 else "method='auto' picks one that can"
             )
             raise MethodRefusedError(
-                f"method {name!r} cannot run {x.describe()}: " + "; ".join(reasons)
+                f"method {name!r} cannot run {described}: " + "; ".join(reasons)
                 + f". It is {forced_by(method, name)}. Hint: {hint} (see leetdecoding.explain)."
             )
         return Choice(m, opts, forced_by(method, name), {}, need)
@@ -239,7 +240,7 @@ def choose(x: AttentionInputs, method: str = "auto") -> Choice:
                 f"not tried by auto on {x.device.type} (pass method={n!r} to use it)"
             ]
     listing = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refusals.items())
-    raise MethodRefusedError(f"no method can run {x.describe()}:\n{listing}")
+    raise MethodRefusedError(f"no method can run {described}:\n{listing}")
 
 
 @dataclass

@@ -52,7 +52,9 @@ def tracing() -> bool:
 
 
 def _versions(result) -> int | tuple[int, ...]:
-    return result._version if isinstance(result, torch.Tensor) else tuple([t._version for t in result])
+    if isinstance(result, torch.Tensor):
+        return result._version
+    return tuple([t._version for t in result if isinstance(t, torch.Tensor)])  # other fields cannot change
 
 
 class ValueMemo:

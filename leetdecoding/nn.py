@@ -30,6 +30,12 @@ ACTIVATIONS = {
 _MINIMAX_DERIVED = ("query_decay", "key_decay", "diagonal_decay")
 
 
+def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with the positions where `mask` (0/1 or bool, broadcasting against x) is 0 set to exactly 0. Not x * mask:
+    a NaN or inf in a padded position would survive it (0 x NaN = NaN) and spread through the state."""
+    return x.masked_fill(mask == 0, 0.0)
+
+
 class LinearAttentionCache:
     """One state (B, H, Dk, Dv) per layer, fp32 (fp64 for fp64 models), for a batch of sequences.
 
@@ -155,7 +161,7 @@ class DecayingLinearAttention(nn.Module):
         if not self.activate_v:
             qkv = torch.cat((act(qkv[..., : 2 * d]), qkv[..., 2 * d :]), dim=-1)
         if attention_mask is not None:
-            qkv = qkv * attention_mask[:, :, None, None].to(qkv.dtype)
+            qkv = zero_padding(qkv, attention_mask[:, :, None, None])
         q, k, v = (t.transpose(1, 2) for t in qkv.split(d, dim=3))  # (B, H, N, D) views
         log_decay = self.log_decay.clamp(max=0.0) if self.log_decay.requires_grad else self.log_decay
         state = cache.get(self.layer_idx) if cache is not None else None

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention, apply_mask_to_padding_states
+from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
 
 import leetdecoding as ld
 from leetdecoding.amp import autocast_off
 from leetdecoding.decay import log_decay_from
 from leetdecoding.inputs import check_state_dtype
 from leetdecoding.methods.recurrent import step, step_decay
+from leetdecoding.nn import zero_padding
 
 from .hf_minimax_cache import LeetMiniMaxCache
 
@@ -134,7 +135,9 @@ def _lightning_forward(
     rec: _Patch = getattr(self, _ATTR)
     cache = next((c for c in (cache, past_key_values, kwargs.get("past_key_value")) if c is not None), None)
     b, n, _ = hidden_states.shape
-    qkv = apply_mask_to_padding_states(self.act_fn(self.qkv_proj(hidden_states)), attention_mask)
+    qkv = self.act_fn(self.qkv_proj(hidden_states))
+    if attention_mask is not None:  # as transformers' apply_mask_to_padding_states, but NaN in padding stays out
+        qkv = zero_padding(qkv, attention_mask[:, :, None])
     qkv = qkv.reshape(b, n, self.num_attention_heads, 3, self.head_dim)  # per head [q | k | v], as MiniMax splits it
     o, state = _attend(self, rec, qkv, _cached_state(cache, self.layer_idx, qkv.dtype))
     o = self.out_proj(F.sigmoid(self.output_gate(hidden_states)) * self.norm(o))
