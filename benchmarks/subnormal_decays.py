@@ -49,7 +49,8 @@ def main(rounds: int = 7) -> None:
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["0.9"])
     for name, ts in times.items():
-        print(f"decay {name:>14}: {statistics.median(ts) * 1e3:7.1f} ms  ({statistics.median(ts) / base:.2f}x decay 0.9)")
+        t = statistics.median(ts)
+        print(f"decay {name:>14}: {t * 1e3:7.1f} ms  ({t / base:.2f}x decay 0.9)")
 
 
 if __name__ == "__main__":
