@@ -178,7 +178,7 @@ def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state, ch
         dv[:, :, start:stop] = ((qk * dd.mask).transpose(-1, -2) @ dos + (kc * dd.k) @ ends).flatten(2, 3)
         idx = torch.arange(r, device=q.device, dtype=cd)
         d_log += (
-            (dov * qk * dd.distance).sum((0, 2, 3, 4)).double()  # intra-chunk pairs, weight t - s
+            (dov * qk).mul_(dd.distance).sum((0, 2, 3, 4)).double()  # intra-chunk pairs, weight t - s
             + ((qc * dq_inter).sum(-1) * (idx + 1)).sum((0, 2, 3)).double()  # weight t - p + 1
             + ((kc * dk_inter).sum(-1) * (r - 1 - idx)).sum((0, 2, 3)).double()  # weight e - 1 - s
             + (kv * gaps).sum((0, 2, 3, 4)).double()  # weight p - e

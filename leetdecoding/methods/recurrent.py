@@ -89,7 +89,7 @@ def recurrent_bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state):
             # o_t = q_t (lambda S_{t-1} + k_t^T v_t): the carried part of dq_t apart, for d log lambda
             dq_carried = lam.squeeze(-1) * (states[t - start] @ do_t.unsqueeze(-1)).squeeze(-1)
             dq[:, :, t] = dq_carried + k_t * (v_t * do_t).sum(-1, keepdim=True)
-            d_log += ((q_t * dq_carried).sum(-1) + (k_t.unsqueeze(-2) @ gap @ v_t.unsqueeze(-1)).flatten(2).sum(-1))
+            d_log += (q_t * dq_carried).sum(-1) + (k_t.unsqueeze(-2) @ gap @ v_t.unsqueeze(-1)).flatten(2).sum(-1)
             gap = (gap + grad) * lam  # grad is lambda R_{t+1} here
             grad = torch.addcmul(grad, q_t.unsqueeze(-1), do_t.unsqueeze(-2))
             dk[:, :, t] = (grad @ v_t.unsqueeze(-1)).squeeze(-1)
