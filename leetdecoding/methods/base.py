@@ -172,21 +172,6 @@ def initial_state_output(x: AttentionInputs, q: torch.Tensor, start: int = 0) ->
     return (q * decay_powers(x.log_decay, positions(q.shape[2], x, start + 1))) @ x.initial_state
 
 
-def log_decay_grad(weighted: torch.Tensor, d_final: torch.Tensor | None, final: torch.Tensor) -> torch.Tensor:
-    """d log lambda (H,) from weighted[b, h, t] = q_t . dq_t - k_t . dk_t (full gradients, scale included):
-
-        sum_t (t + 1) weighted_t + N <dS_N, S_N>
-
-    treating G_t = (t + 1) log lambda as free per-token variables; exact at lambda = 1 and for tiny lambda.
-    """
-    n = weighted.shape[-1]
-    steps = torch.arange(1, n + 1, device=weighted.device, dtype=weighted.dtype)
-    grad = (weighted * steps).sum((0, 2))
-    if d_final is not None:
-        grad = grad + n * (d_final.to(final.dtype) * final).sum((0, 2, 3))
-    return grad
-
-
 def finish(x: AttentionInputs, o: torch.Tensor) -> torch.Tensor:
     """Apply the scale in the compute dtype, then cast to the input dtype."""
     if x.scale != 1.0:

@@ -17,9 +17,20 @@ with dO = scale * do and D the gradient of the state at a chunk's end (dS_N at t
     dk = ((v dO^T) * M^T) q + (v D^T) * lambda^(C-1-s)
     dv = ((q k^T) * M)^T dO + (k * lambda^(C-1-s)) D
     D_previous_chunk = lambda^C D + (q * lambda^(t+1))^T dO,    dS_init = D before the first chunk
-    d log lambda = sum_t (t+1) (q_t . dq_t - k_t . dk_t) + N <dS_N, S_N>
 
-the last from treating G_t = (t+1) log lambda as free per-token variables: exact at lambda = 1 and for tiny lambda.
+d log lambda is the sum, over every pair of a query (a token t, or the final state at t = N - 1) and a key (a
+token s <= t, or the initial state at s = -1), of (t - s) times the pair's term lambda^(t-s) (q_t . k_s)(dO_t . v_s):
+a sum of distance-weighted terms that are each O(lambda^(t-s)), so that nothing cancels (the shorter
+sum_t (t+1) (q_t . dq_t - k_t . dk_t) + N <dS_N, S_N> subtracts O(1) terms to get an O(lambda) result, and loses
+every digit for a small lambda). For t in a chunk starting at p and s in an earlier chunk ending at e (the initial
+state ends a chunk at e = 0, the final state starts one at p = N), t - s = (t - p + 1) + (e - 1 - s) + (p - e):
+
+    intra-chunk pairs:  sum over each chunk of (t - s) ((dO v^T) * M * (q k^T))_ts
+    t - p + 1:          sum_t (t - p + 1) q_t . (dO_t lambda^(t-p+1) S_chunk_start^T)   (the inter part of dq)
+    e - 1 - s:          sum_s (e - 1 - s) k_s . (lambda^(e-1-s) v_s D^T)                (the inter part of dk)
+    p - e:              sum over chunks of <K, D'> + <S_init, D' before the first chunk>, K the chunk's own
+                        contribution to the state, D' the gap-weighted twin of D carried back beside it:
+                        D'_previous_chunk = lambda^C (D' + C D),  D' = 0 after the last chunk.
 """
 
 from __future__ import annotations
@@ -38,7 +49,6 @@ from .base import (
     decay_factor,
     decay_powers,
     elem_bytes,
-    log_decay_grad,
     output_buffer,
     with_margin,
 )
@@ -57,6 +67,7 @@ class Decays(NamedTuple):
     """Decay factors of a chunk of c tokens, every one exp(non-positive), shaped to broadcast over chunks."""
 
     mask: torch.Tensor  # (1, H, 1, c, c): lambda^(t-s) for s <= t
+    distance: torch.Tensor  # (c, c): t - s for s <= t, else 0 (the weights of d log lambda's intra-chunk pairs)
     q: torch.Tensor  # (1, H, 1, c, 1): lambda^(t+1)
     k: torch.Tensor  # (1, H, 1, c, 1): lambda^(c-1-s)
     chunk: torch.Tensor  # (1, H, 1, 1): lambda^c
@@ -74,6 +85,7 @@ def build_decays(log_decay: torch.Tensor, c: int) -> Decays:
     idx = torch.arange(c, device=log_decay.device, dtype=log_decay.dtype)
     return Decays(
         causal_decay_matrix(log_decay, c).unsqueeze(2),
+        (idx[:, None] - idx[None, :]).clamp(min=0),
         decay_powers(log_decay, idx + 1).unsqueeze(2),
         decay_powers(log_decay, c - 1 - idx).unsqueeze(2),
         decay_factor(log_decay, c).view(1, -1, 1, 1),
@@ -128,7 +140,7 @@ def chunk_starts(state, kv, chunk_decay):
     return starts, state
 
 
-def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state, chunk_size, segment_bytes):
+def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes):
     """Gradients (dq, dk, dv, d log_decay, d initial_state) of chunked_fwd, recomputing chunk by chunk."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
@@ -136,46 +148,58 @@ def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state, chun
     C = max(1, min(chunk_size, N))
     d = decays(log_decay, C)
     grad = d_final.to(cd) if d_final is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
+    gap = torch.zeros_like(grad)  # D': the gap-weighted twin of grad (see the module docstring)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    weighted = torch.zeros(B, H, N, dtype=cd, device=q.device)  # q . dq - k . dk per token
+    d_log = torch.zeros(H, dtype=torch.float64, device=q.device)
     plan = pieces(N, C, segment_length(q, Dv, C, segment_bytes))
     for (start, stop, chunks), piece_start in zip(reversed(plan), reversed(saved)):
         r = C if chunks else stop - start
         dd = d if chunks else decays(log_decay, r)
         g = max(chunks, 1)
         qc, kc, vc = (t[:, :, start:stop].to(cd).unflatten(2, (g, r)) for t in (q, k, v))
-        starts = chunk_starts(piece_start, (kc * dd.k).transpose(-1, -2) @ vc, dd.chunk)[0]  # recomputed
+        kv = (kc * dd.k).transpose(-1, -2) @ vc  # (B, H, g, Dk, Dv): each chunk's own state contribution
+        starts = chunk_starts(piece_start, kv, dd.chunk)[0]  # recomputed
         dos = do[:, :, start:stop].to(cd).unflatten(2, (g, r))
         if scale != 1.0:
             dos = dos * scale
         qd = (qc * dd.q).transpose(-1, -2) @ dos  # (B, H, g, Dk, Dv): what each chunk adds to D going back
-        ends = torch.empty_like(qd)  # gradient of the state at each chunk's end
+        ends = torch.empty_like(qd)  # gradient of the state at each chunk's end (D)
+        gaps = torch.empty_like(qd)  # and its gap-weighted twin (D')
         for c in reversed(range(g)):
-            ends[:, :, c] = grad
+            ends[:, :, c], gaps[:, :, c] = grad, gap
+            gap = dd.chunk * (gap + r * grad)
             grad = dd.chunk * grad + qd[:, :, c]
         dov = (dos @ vc.transpose(-1, -2)) * dd.mask  # (B, H, g, r, r)
-        gq = dov @ kc + (dos * dd.q) @ starts.transpose(-1, -2)
-        gk = dov.transpose(-1, -2) @ qc + (vc @ ends.transpose(-1, -2)) * dd.k
-        gv = ((qc @ kc.transpose(-1, -2)) * dd.mask).transpose(-1, -2) @ dos + (kc * dd.k) @ ends
-        weighted[:, :, start:stop] = ((qc * gq).sum(-1) - (kc * gk).sum(-1)).flatten(2)
-        dq[:, :, start:stop] = gq.flatten(2, 3)
-        dk[:, :, start:stop] = gk.flatten(2, 3)
-        dv[:, :, start:stop] = gv.flatten(2, 3)
-    return dq, dk, dv, log_decay_grad(weighted, d_final, final_state), grad
+        qk = qc @ kc.transpose(-1, -2)
+        dq_inter = (dos * dd.q) @ starts.transpose(-1, -2)
+        dk_inter = (vc @ ends.transpose(-1, -2)) * dd.k
+        dq[:, :, start:stop] = (dov @ kc + dq_inter).flatten(2, 3)
+        dk[:, :, start:stop] = (dov.transpose(-1, -2) @ qc + dk_inter).flatten(2, 3)
+        dv[:, :, start:stop] = ((qk * dd.mask).transpose(-1, -2) @ dos + (kc * dd.k) @ ends).flatten(2, 3)
+        idx = torch.arange(r, device=q.device, dtype=cd)
+        d_log += (
+            (dov * qk).mul_(dd.distance).sum((0, 2, 3, 4)).double()  # intra-chunk pairs, weight t - s
+            + ((qc * dq_inter).sum(-1) * (idx + 1)).sum((0, 2, 3)).double()  # weight t - p + 1
+            + ((kc * dk_inter).sum(-1) * (r - 1 - idx)).sum((0, 2, 3)).double()  # weight e - 1 - s
+            + (kv * gaps).sum((0, 2, 3, 4)).double()  # weight p - e
+        )
+    if initial_state is not None:  # the initial state: a chunk ending at 0, so only its gaps count
+        d_log += (initial_state * gap).sum((0, 2, 3)).double()
+    return dq, dk, dv, d_log.to(cd), grad
 
 
 class ChunkedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes):
         o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state, final, *saved)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
         ctx.args = (scale, chunk_size, segment_bytes)
         return o, final
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx, do, d_final):
-        q, k, v, log_decay, initial_state, final, *saved = ctx.saved_tensors
+        q, k, v, log_decay, initial_state, *saved = ctx.saved_tensors
         scale, chunk_size, segment_bytes = ctx.args
         if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
 
@@ -187,7 +211,7 @@ class ChunkedFunction(torch.autograd.Function):
             )
             return *grads, None, None, None
         dq, dk, dv, dg, ds0 = chunked_bwd(
-            q, k, v, log_decay, scale, saved, do, d_final, final, chunk_size, segment_bytes
+            q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes
         )
         return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None
 

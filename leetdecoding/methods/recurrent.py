@@ -12,7 +12,7 @@ from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs
 from ..memo import ValueMemo
 from .autograd import twice_differentiable_grads
-from .base import Method, decay_factor, elem_bytes, log_decay_grad, output_buffer, with_margin
+from .base import Method, decay_factor, elem_bytes, output_buffer, with_margin
 
 _FACTORS = ValueMemo()
 
@@ -61,44 +61,57 @@ def recurrent_fwd(q, k, v, log_decay, scale, initial_state, save, in_place=True)
     return o, (state.clone() if N else state), saved
 
 
-def recurrent_bwd(q, k, v, log_decay, scale, saved, do, d_final, final_state):
+def recurrent_bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state):
     """Gradients of recurrent_fwd, token by token backwards: R_t = lambda R_{t+1} + scale q_t^T do_t is the
     gradient of S_t; dq_t = scale do_t S_t^T, dk_t = R_t v_t, dv_t = R_t^T k_t. The states of each stretch of
-    CHECKPOINT_EVERY tokens are recomputed from its saved start."""
+    CHECKPOINT_EVERY tokens are recomputed from its saved start.
+
+    d log lambda = sum over pairs s <= t (s = -1 the initial state, t = N - 1 the final state) of
+    (t - s) lambda^(t-s) (q_t . k_s)(dO_t . v_s), as chunked's backward computes it with chunks of one token:
+    sum_t q_t . (lambda S_{t-1} dO_t^T) (one step of every pair s < t), plus sum_s <k_s^T v_s, R'_s> +
+    <S_init, R'_{-1}> (the other t - s - 1 steps), with R'_{s-1} = lambda (R'_s + lambda R_{s+1}), R'_{N-1} = 0.
+    Every term is weighted by a distance >= 0, so nothing cancels (see chunked.py)."""
     B, H, N, Dk = q.shape
     cd = log_decay.dtype
     lam = step_decay(log_decay)
     grad = d_final.to(cd) if d_final is not None else torch.zeros(B, H, Dk, v.shape[-1], dtype=cd, device=q.device)
+    gap = torch.zeros_like(grad)  # R'
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_log = torch.zeros(B, H, dtype=torch.float64, device=q.device)
     for i in reversed(range(len(saved))):
         start, stop = i * CHECKPOINT_EVERY, min(N, (i + 1) * CHECKPOINT_EVERY)
-        states, state = [], saved[i]
+        states = [saved[i]]  # states[t - start] is the state before token t
         for t in range(start, stop):
-            state = step(state, q[:, :, t].to(cd), k[:, :, t].to(cd), v[:, :, t].to(cd), lam)[1]
-            states.append(state)
+            states.append(step(states[-1], q[:, :, t].to(cd), k[:, :, t].to(cd), v[:, :, t].to(cd), lam)[1])
         for t in reversed(range(start, stop)):
             q_t, k_t, v_t, do_t = (x[:, :, t].to(cd) for x in (q, k, v, do))
-            grad = torch.addcmul(grad, q_t.unsqueeze(-1), (scale * do_t).unsqueeze(-2))
-            dq[:, :, t] = scale * (states[t - start] @ do_t.unsqueeze(-1)).squeeze(-1)
+            do_t = scale * do_t
+            # o_t = q_t (lambda S_{t-1} + k_t^T v_t): the carried part of dq_t apart, for d log lambda
+            dq_carried = lam.squeeze(-1) * (states[t - start] @ do_t.unsqueeze(-1)).squeeze(-1)
+            dq[:, :, t] = dq_carried + k_t * (v_t * do_t).sum(-1, keepdim=True)
+            d_log += (q_t * dq_carried).sum(-1) + (k_t.unsqueeze(-2) @ gap @ v_t.unsqueeze(-1)).flatten(2).sum(-1)
+            gap = (gap + grad) * lam  # grad is lambda R_{t+1} here
+            grad = torch.addcmul(grad, q_t.unsqueeze(-1), do_t.unsqueeze(-2))
             dk[:, :, t] = (grad @ v_t.unsqueeze(-1)).squeeze(-1)
             dv[:, :, t] = (k_t.unsqueeze(-2) @ grad).squeeze(-2)
             grad = grad * lam
-    weighted = (q.to(cd) * dq.to(cd)).sum(-1) - (k.to(cd) * dk.to(cd)).sum(-1)
-    return dq, dk, dv, log_decay_grad(weighted, d_final, final_state), grad
+    if initial_state is not None:
+        d_log += (initial_state * gap).sum((2, 3))
+    return dq, dk, dv, d_log.sum(0).to(cd), grad
 
 
 class RecurrentFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, scale):
         o, final, saved = recurrent_fwd(q, k, v, log_decay, scale, initial_state, True)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state, final, *saved)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
         ctx.scale = scale
         return o, final
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx, do, d_final):
-        q, k, v, log_decay, initial_state, final, *saved = ctx.saved_tensors
+        q, k, v, log_decay, initial_state, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
 
             def forward(q, k, v, log_decay, initial_state):
@@ -108,7 +121,7 @@ class RecurrentFunction(torch.autograd.Function):
                 forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
             )
             return *grads, None
-        dq, dk, dv, dg, ds0 = recurrent_bwd(q, k, v, log_decay, ctx.scale, saved, do, d_final, final)
+        dq, dk, dv, dg, ds0 = recurrent_bwd(q, k, v, log_decay, ctx.scale, saved, do, d_final, initial_state)
         return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None
 
 
