@@ -23,7 +23,7 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-# ----- the reviewer's cases (tests/test_break1.py of break1, sections 1 and 2) -----
+# ----- the named cases: a tiny decay, and small but ordinary decays in fp32 -----
 
 
 TINY = [(torch.float64, 1e-20), (torch.float32, 1e-45)]

@@ -1,7 +1,6 @@
-"""Reviewer cases (break2): decay tables, odd inputs, the original call's errors, explain, memory estimates.
-
-Each test is a case the library gets wrong at the commit it was written against; see the report of branch break2.
-"""
+"""Edge cases of issue 10's kinds beyond the named inputs: inference mode and torch.jit.trace with decay tables,
+integer and out-of-range decay values, errors in the caller's own terms (attn_method, LEETDECODING_METHOD),
+explain for a refused forced method, an overlapping out_state, memory estimates at more shapes."""
 
 from __future__ import annotations
 
