@@ -116,28 +116,43 @@ def test_log_decay_gradient_per_head(name, n, dtype):
         pytest.skip("a Python loop over 16-token segments: 130 tokens cross nine of them")
     if name == "recurrent" and n > 130 and dtype == torch.float64:
         pytest.skip("a per-token Python loop: fp32 covers this length")
-    h, dk, dv = len(DECAYS), 5, 3
-    g = _gen(n)
-    q, k, do = (torch.randn(1, h, n, d, generator=g, dtype=torch.float64).to(dtype) for d in (dk, dk, dv))
-    v = torch.randn(1, h, n, dv, generator=g, dtype=torch.float64).to(dtype)
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    s0 = torch.randn(1, h, dk, dv, generator=g, dtype=torch.float64).to(state_dtype)
-    ds = torch.randn(1, h, dk, dv, generator=g, dtype=torch.float64).to(state_dtype)
-    log_decay = torch.log(torch.tensor(DECAYS, dtype=torch.float64)).to(state_dtype)
-
-    ref = _reference_log_decay_grad(q, k, v, log_decay, s0, do, ds)
-    magnitude = _reference_log_decay_grad(*(t.abs() for t in (q, k, v)), log_decay, *(t.abs() for t in (s0, do, ds)))
-
+    q, k, v, do, s0, ds, log_decay = _inputs(DECAYS, n, 1, dtype, seed=n)
+    ref, magnitude = _reference_and_magnitude(q, k, v, log_decay, s0, do, ds)
     log_decay.requires_grad_()
     o, state = RUNS[name](q, k, v, log_decay, s0)
     (got,) = torch.autograd.grad((o * do).sum() + (state * ds).sum(), log_decay)
+    _assert_per_head(f"{name} N={n}", DECAYS, got, ref, magnitude, dtype)
+
+
+def _inputs(decays, n, states, dtype, seed):
+    """q, k, v, do (1, H, n, D) in `dtype`, an initial state and a final-state gradient (states rows), log lambda."""
+    h, dk, dv = len(decays), 5, 3
+    g = _gen(seed)
+    q, k, do = (torch.randn(1, h, n, d, generator=g, dtype=torch.float64).to(dtype) for d in (dk, dk, dv))
+    v = torch.randn(1, h, n, dv, generator=g, dtype=torch.float64).to(dtype)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    s0 = torch.randn(states, h, dk, dv, generator=g, dtype=torch.float64).to(state_dtype)
+    ds = torch.randn(states, h, dk, dv, generator=g, dtype=torch.float64).to(state_dtype)
+    log_decay = torch.log(torch.tensor(decays, dtype=torch.float64)).to(state_dtype)
+    return q, k, v, do, s0, ds, log_decay
+
+
+def _reference_and_magnitude(q, k, v, log_decay, s0, do, ds):
+    """The fp64 d log lambda per head, and the same sum over the absolute values of every term (the scale of its
+    rounding errors)."""
+    ref = _reference_log_decay_grad(q, k, v, log_decay, s0, do, ds)
+    magnitude = _reference_log_decay_grad(*(t.abs() for t in (q, k, v)), log_decay, *(t.abs() for t in (s0, do, ds)))
+    return ref, magnitude
+
+
+def _assert_per_head(what, decays, got, ref, magnitude, dtype):
     got = got.double()
-    assert torch.isfinite(got).all(), f"{name}: d log_decay {got.tolist()}"
+    assert torch.isfinite(got).all(), f"{what}: d log_decay {got.tolist()}"
     err = (got - ref).abs()
     bound = RELATIVE[dtype] * magnitude + torch.finfo(dtype).tiny
     worst = int((err / bound).argmax())
     assert (err <= bound).all(), (
-        f"{name} N={n}: decay {DECAYS[worst]}: d log_decay {got[worst].item():.8g}, reference {ref[worst].item():.8g}"
+        f"{what}: decay {decays[worst]}: d log_decay {got[worst].item():.8g}, reference {ref[worst].item():.8g}"
         f" (error {err[worst].item() / magnitude[worst].item():.2e} of the terms' magnitude)"
     )
 
@@ -148,3 +163,46 @@ def _reference_log_decay_grad(q, k, v, log_decay, s0, do, ds):
     o, state = reference_closed_form(q, k, v, log64, s0, scale=SCALE)
     (grad,) = torch.autograd.grad((o * do.double()).sum() + (state * ds.double()).sum(), log64)
     return grad
+
+
+# ----- triton_chunked (Triton's interpreter on CPU): the same decomposition in its dq and dk kernels -----
+
+
+TRITON_DECAYS = [1.0, 0.5, 0.05, 1e-3, 1e-20]  # one head each
+PACKED = [0, 20, 85, 215]  # sequences of 20, 65 and 130 tokens: within one chunk of 64, across one, across two
+
+
+def _triton_chunked(q, k, v, log_decay, s0, cu_seqlens=None):
+    return ld.attention(
+        q, k, v, log_decay=log_decay, scale=SCALE, method="triton_chunked", initial_state=s0,
+        output_final_state=True, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [20, 65, 130])
+def test_triton_chunked_log_decay_gradient_per_head(n, dtype):
+    """The dq and dk kernels' distance-weighted sums. Measured on f4e4e0a (sum_t (t+1)(q_t.dq_t - k_t.dk_t)
+    + N <S_N, dS_N>): in fp32 every decay below 1 fails, by up to the whole value at 1e-20."""
+    q, k, v, do, s0, ds, log_decay = _inputs(TRITON_DECAYS, n, 1, dtype, seed=n)
+    ref, magnitude = _reference_and_magnitude(q, k, v, log_decay, s0, do, ds)
+    log_decay.requires_grad_()
+    o, state = _triton_chunked(q, k, v, log_decay, s0)
+    (got,) = torch.autograd.grad((o * do).sum() + (state * ds).sum(), log_decay)
+    _assert_per_head(f"triton_chunked N={n}", TRITON_DECAYS, got, ref, magnitude, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_triton_chunked_log_decay_gradient_packed(dtype):
+    """Packed sequences (cu_seqlens): each sequence's distances count from its own start, its final state's from
+    its own length; the reference is the sum over the sequences computed one by one."""
+    q, k, v, do, s0, ds, log_decay = _inputs(TRITON_DECAYS, PACKED[-1], len(PACKED) - 1, dtype, seed=7)
+    ref = magnitude = 0
+    for i, (start, stop) in enumerate(zip(PACKED[:-1], PACKED[1:])):
+        qi, ki, vi, doi = (t[:, :, start:stop] for t in (q, k, v, do))
+        r, m = _reference_and_magnitude(qi, ki, vi, log_decay, s0[i : i + 1], doi, ds[i : i + 1])
+        ref, magnitude = ref + r, magnitude + m
+    log_decay.requires_grad_()
+    o, state = _triton_chunked(q, k, v, log_decay, s0, torch.tensor(PACKED))
+    (got,) = torch.autograd.grad((o * do).sum() + (state * ds).sum(), log_decay)
+    _assert_per_head("triton_chunked packed", TRITON_DECAYS, got, ref, magnitude, dtype)

@@ -13,7 +13,18 @@ the state entering a chunk; dH = dS_N after the last chunk) carried backwards,
     dk_j = scale * sum_{i >= j} lambda^(i-j) (do_i . v_j) q_i  +  lambda^(L-1-j) v_j dH^T    (backward walk)
     dv_j = scale * sum_{i >= j} lambda^(i-j) (q_i . k_j) do_i  +  lambda^(L-1-j) k_j dH
     dH  <- lambda^L dH + scale * sum_i lambda^(i+1) q_i^T do_i,          dS_0 = dH at the start
-    dlog_lambda = sum_t (t+1) (q_t . dq_t - k_t . dk_t)  +  N <S_N, dS_N>
+
+d log lambda as in leetdecoding.methods.chunked: a sum of pair terms each weighted by its distance t - s >= 0,
+never sum_t (t+1) (q_t . dq_t - k_t . dk_t) + N <S_N, dS_N> (O(1) terms cancelling to an O(lambda) result). For
+a query t in a chunk starting at p and a key s in an earlier chunk ending at e, t - s = (t-p+1) + (e-1-s) + (p-e):
+
+    dq kernel:  sum_t q_t . ( scale sum_{s <= t in the chunk} (t-s) lambda^(t-s) (do_t . v_s) k_s
+                              + (t-p+1) [the inter-chunk part of dq_t] )
+    dk kernel:  sum_s k_s . ( (e-1-s) [the inter-chunk part of dk_s]  +  lambda^(e-1-s) v_s dH'^T )
+                + <S_0, dH' at the start>,      dH' <- lambda^L (dH' + L dH)  (dH' = 0 after the last chunk)
+
+dH' weights each later query by its gap p - e; the final state is a query starting a chunk at p = T (each
+sequence's own length T), so it needs no term of its own.
 
 Nothing of size N Dk Dv (not even per-chunk states) is stored: memory is the inputs, outputs and their grads.
 """
@@ -68,6 +79,13 @@ def _head_decays(LOG_DECAY, DECAY, H, BT: tl.constexpr, ACC: tl.constexpr):
     e_q = (o_t + 1).to(ACC)
     b_dq = tl.exp(g_hi * e_q) * tl.exp(g_lo * e_q)
     return i_bh.to(tl.int64), i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq
+
+
+@triton.jit
+def _distances(BT: tl.constexpr, ACC: tl.constexpr):
+    """(BT, BT): t - s for s <= t, else 0 (the weights of d log lambda's intra-chunk pairs)."""
+    o_t = tl.arange(0, BT)
+    return tl.where(o_t[:, None] >= o_t[None, :], o_t[:, None] - o_t[None, :], 0).to(ACC)
 
 
 @triton.jit
@@ -179,7 +197,8 @@ def chunked_bwd_dq_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
     ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """dq for one Dk block (all of Dv), walking forwards with S^T (Dv x BK); also sum_t (t+1) q_t . dq_t."""
+    """dq for one Dk block (all of Dv), walking forwards with S^T (Dv x BK); also this block's share of
+    d log lambda's query-side terms (the module docstring)."""
     i_bh, i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_k = tl.program_id(1)
@@ -202,6 +221,8 @@ def chunked_bwd_dq_kernel(
         p_s0 = S0 + i_n * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
         b_st = tl.load(p_s0, mask=m_v[:, None] & m_k[None, :], other=0).to(ACC)
     b_dg = tl.zeros([BT], dtype=ACC)
+    b_w = _distances(BT, ACC)
+    e_p = (o_t + 1).to(ACC)  # t - p + 1
 
     for i_c in range(0, (T + BT - 1) // BT):
         r_t = i_c * BT + o_t64
@@ -219,35 +240,39 @@ def chunked_bwd_dq_kernel(
             b_da = tl.dot(b_do.to(ACC), b_vt.to(ACC), input_precision=PREC)
         b_da = b_da * b_d
         b_kd2 = b_k.to(ACC) * b_kd[:, None]
-        b_dqv = mixed_dot(b_da, b_k, True, MODE, PREC) + mixed_dot(b_st, b_do, False, MODE, PREC) * b_dq[:, None]
+        b_inter = mixed_dot(b_st, b_do, False, MODE, PREC) * b_dq[:, None]
+        b_dqv = (mixed_dot(b_da, b_k, True, MODE, PREC) + b_inter) * scale
         b_upd = mixed_dot(b_kd2, b_vt, False, MODE, PREC)
-        b_dqv = b_dqv * scale
         b_out = b_dqv
         if ROUND_BF16:
             b_out = round_to_bf16(b_out)
         tl.store(p_dq0 + r_t[:, None] * DK, b_out.to(DQ.dtype.element_ty), mask=m_tk)
-        b_dg += (r_t + 1).to(ACC) * tl.reduce(b_q.to(ACC) * b_dqv, 1, SUM)
+        # d log lambda: intra-chunk pairs weighted by t - s, the inter-chunk part by t - p + 1 (no cancellation)
+        b_dqw = mixed_dot(b_da * b_w, b_k, True, MODE, PREC) + b_inter * e_p[:, None]
+        b_dg += tl.reduce(b_q.to(ACC) * b_dqw, 1, SUM)
         b_st = b_st * f_hi + b_st * f_lo + b_upd
 
-    tl.store(DGQ + i_bh.to(tl.int64) * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, SUM))
+    tl.store(DGQ + i_bh.to(tl.int64) * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, SUM) * scale)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_BWD)
 def chunked_bwd_dk_kernel(
-    Q, K, V, DO, DK_OUT, DSN, DS0, DGK, LOG_DECAY, DECAY, CU,
+    Q, K, V, DO, DK_OUT, DSN, S0, DS0, DGK, LOG_DECAY, DECAY, CU,
     scale, N, H, DK, DV,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdn, sdd,
     snb, snh, snk, snv,
+    s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
+    USE_FINAL_GRAD: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
     ROUND_BF16: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
-    """dk for one Dk block (all of Dv), walking backwards with dH^T (Dv x BK); also dS_0 and
-    sum_t (t+1) k_t . dk_t."""
+    """dk for one Dk block (all of Dv), walking backwards with dH^T (Dv x BK) and its gap-weighted twin dH'^T;
+    also dS_0 (with an initial state) and this block's share of d log lambda's key-side terms (the module
+    docstring)."""
     i_bh, i_b, i_h, g_hi, g_lo, c_hi, c_lo, b_d, b_dq = _head_decays(LOG_DECAY, DECAY, H, BT, ACC)
     i_b, bos, T, i_n = _sequence(CU, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
     i_k = tl.program_id(1)
@@ -271,6 +296,7 @@ def chunked_bwd_dk_kernel(
     if USE_FINAL_GRAD:
         p_dsn = DSN + i_n * snb + i_h * snh + o_v[:, None] * snv + o_k[None, :] * snk
         b_dht = tl.load(p_dsn, mask=m_vk, other=0).to(ACC)
+    b_gpt = tl.zeros([BV, BK], dtype=ACC)  # dH'^T: 0 after the last chunk (the final state's gap is 0)
     b_dg = tl.zeros([BT], dtype=ACC)
 
     n_chunks = (T + BT - 1) // BT
@@ -291,20 +317,29 @@ def chunked_bwd_dk_kernel(
             b_dat = tl.dot(b_v.to(ACC), b_dot.to(ACC), input_precision=PREC)
         b_dat = b_dat * b_dt
         b_qd = b_q.to(ACC) * b_dq[:, None]
-        b_dkv = mixed_dot(b_dat, b_q, True, MODE, PREC) * scale
-        b_dkv += mixed_dot(b_dht, b_v, False, MODE, PREC) * b_kd[:, None]
+        b_inter = mixed_dot(b_dht, b_v, False, MODE, PREC) * b_kd[:, None]
+        b_dkv = mixed_dot(b_dat, b_q, True, MODE, PREC) * scale + b_inter
         b_upd = mixed_dot(b_qd, b_dot, False, MODE, PREC)
         b_out = b_dkv
         if ROUND_BF16:
             b_out = round_to_bf16(b_out)
         tl.store(p_dk0 + r_t[:, None] * DK, b_out.to(DK_OUT.dtype.element_ty), mask=m_tk)
-        b_dg += (r_t + 1).to(ACC) * tl.reduce(b_k.to(ACC) * b_dkv, 1, SUM)
+        # d log lambda: the inter-chunk part of dk weighted by e - 1 - s, the gaps p - e through dH'
+        e_e = tl.maximum(n_c - 1 - o_t, 0).to(ACC)
+        b_dkw = b_inter * e_e[:, None] + mixed_dot(b_gpt, b_v, False, MODE, PREC) * b_kd[:, None]
+        b_dg += tl.reduce(b_k.to(ACC) * b_dkw, 1, SUM)
+        b_gpt += n_c.to(ACC) * b_dht
+        b_gpt = b_gpt * f_hi + b_gpt * f_lo
         b_dht = b_dht * f_hi + b_dht * f_lo + b_upd * scale
 
-    if STORE_INITIAL_GRAD:
+    b_dg_sum = tl.reduce(b_dg, 0, SUM)
+    if USE_INITIAL_STATE:  # a chunk ending at 0: only its gap to each query counts
         p_ds0 = DS0 + i_bh.to(tl.int64) * DK * DV + o_v[:, None] + o_k[None, :] * DV
         tl.store(p_ds0, b_dht.to(DS0.dtype.element_ty), mask=m_vk)
-    tl.store(DGK + i_bh.to(tl.int64) * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, SUM))
+        p_s0 = S0 + i_n * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
+        b_s0t = tl.load(p_s0, mask=m_vk, other=0).to(ACC)
+        b_dg_sum += tl.reduce(tl.reduce(b_s0t * b_gpt, 1, SUM), 0, SUM)
+    tl.store(DGK + i_bh.to(tl.int64) * tl.num_programs(1) + i_k, b_dg_sum)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_BWD)
@@ -477,7 +512,8 @@ def backward(
     precision: str,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dq, dk, dv, dlog_decay, dinitial_state or None). `final_state` is needed when `dfinal` is given."""
+    """(dq, dk, dv, dlog_decay, dinitial_state or None). `final_state` is not read (d log lambda no longer needs
+    it); the parameter stays for the operator's schema (leetdecoding.methods.triton.ops)."""
     B, H, N, Dk = q.shape
     rows = _check_packed(q, cu_seqlens, initial_state=initial_state, final_state=final_state, dfinal=dfinal)
     Dv = v.shape[-1]
@@ -515,10 +551,10 @@ def backward(
     def run_dk(variant):
         bt, stages = variant
         launcher(chunked_bwd_dk_kernel)[(rows * H, nk)](
-            q, k, v, do, dk, dfinal_or_any, ds0 if ds0 is not None else dg_k, dg_k, g_split,
-            decay_power(log_decay, bt), cu,
-            *common, *strides(dfinal),
-            BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, STORE_INITIAL_GRAD=ds0 is not None, **flags,
+            q, k, v, do, dk, dfinal_or_any, initial_state if initial_state is not None else q,
+            ds0 if ds0 is not None else dg_k, dg_k, g_split, decay_power(log_decay, bt), cu,
+            *common, *strides(dfinal), *strides(initial_state),
+            BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, USE_INITIAL_STATE=ds0 is not None, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
         )  # fmt: skip
 
@@ -536,10 +572,7 @@ def backward(
     launch(("dq", *key), chunk_variants(bt_k, _stages(q.dtype)), run_dq)
     launch(("dk", *key), chunk_variants(bt_k, _stages(q.dtype)), run_dk)
     launch(("dv", *key), chunk_variants(bt_v, _stages(q.dtype)), run_dv)
-    # dlog_lambda: the per-position terms summed per head (in fp64: the two sums partly cancel), plus
-    # N <S_N, dS_N> from the final state (each sequence's own length N with cu_seqlens)
-    dg = (dg_q.double().sum(-1) - dg_k.double().sum(-1)).view(rows, H).sum(0)
-    if dfinal is not None:
-        lengths = torch.full((rows,), N, device=q.device) if cu_seqlens is None else cu_seqlens.diff()
-        dg = dg + (lengths.double()[:, None] * (final_state.double() * dfinal.double()).sum((2, 3))).sum(0)
+    # dlog_lambda: the query- and key-side distance-weighted sums (nothing cancels; the final state's pairs are
+    # in the key side), per Dk block and sequence, summed per head
+    dg = (dg_q.double().sum(-1) + dg_k.double().sum(-1)).view(rows, H).sum(0)
     return dq, dk, dv, dg.to(log_decay.dtype), ds0
