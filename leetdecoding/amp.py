@@ -1,17 +1,10 @@
-"""The floating-point environment of a call: autocast does not change what leetdecoding computes (DESIGN.md
-section 4), and on CPU subnormal numbers are flushed to zero while it runs.
+"""Autocast does not change what leetdecoding computes (DESIGN.md section 4).
 
 Under `torch.autocast` every matmul of a call would run in the autocast dtype: fp32 inputs would lose fp32 accuracy
 and the states, which the contract keeps in fp32, would come back in bf16 / fp16. The convention here is
 `torch.amp.custom_fwd` without `cast_inputs`: a call computes in the dtype of the inputs it is given (bf16 inputs
 take the bf16 path, with fp32 accumulation and fp32 states as always), so autocast is switched off inside it, for
 the device type of the inputs (CPU and CUDA autocast alike).
-
-Subnormal numbers (below the dtype's smallest normal number) make CPU arithmetic many times slower: a decay factor
-lambda^126 just above the smallest normal number (lambda = 0.5, chunks of 128) turns its products with the inputs
-subnormal and made `chunked` 2.9x slower. Flushing factors earlier would lose terms the dtype can still hold
-(o_t = 0.5^t is a normal fp32 number up to t = 125), so instead the CPU flushes every result that is not a normal
-number, and only those, while a prefill or a backward runs (`flush_subnormals`), then the caller's setting is back.
 """
 
 from __future__ import annotations
@@ -20,8 +13,6 @@ import contextlib
 import functools
 
 import torch
-
-from .memo import tracing
 
 _AVAILABLE: dict[str, bool] = {}  # per device type: asked once, as decode_step runs per token
 
@@ -58,40 +49,13 @@ def without_autocast(fn):
 def backward_without_autocast(backward):
     """For a custom autograd backward `backward(ctx, *grads)`: autocast off on the gradients' device type, as it
     was in the forward (which runs inside a public call), so that a backward called inside an autocast region
-    computes in the forward's precision; subnormals flushed on CPU as in the forward."""
+    computes in the forward's precision."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         device_type = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
-        with autocast_off(device_type), flush_subnormals(device_type):
+        with autocast_off(device_type):
             return backward(ctx, *grads)
 
     return wrapper
 
-
-_PROBE: list[torch.Tensor] = []  # the smallest normal fp32 number: halved, it is 0 exactly when subnormals flush
-
-
-def _subnormals_flushed() -> bool:
-    if not _PROBE:
-        _PROBE.append(torch.tensor(torch.finfo(torch.float32).tiny))
-    return bool(_PROBE[0] * 0.5 == 0)
-
-
-@contextlib.contextmanager
-def _flushing():
-    supported = torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if supported:
-            torch.set_flush_denormal(False)
-
-
-def flush_subnormals(device_type: str):
-    """A context in which the CPU flushes subnormal results and operands to zero, restoring the caller's setting
-    after (torch has no getter: a probe product tells whether flushing is on already). A no-op context on other
-    devices, where flushing is already on or unsupported, and while a graph is recorded."""
-    if device_type != "cpu" or tracing() or _subnormals_flushed():
-        return contextlib.nullcontext()
-    return _flushing()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, segments
-from .amp import flush_subnormals, without_autocast
+from .amp import without_autocast
 from .inputs import AttentionInputs, validate, validate_decode
 from .methods import REGISTRY
 from .methods.base import decay_factor, finish, head_log_decay, state_contribution
@@ -74,8 +74,7 @@ def attention(
             shape = state.shape[int(x.cu_seqlens is not None) :]
             checkpoints = torch.zeros(0, *shape, dtype=state.dtype, device=state.device)
     else:
-        with flush_subnormals(x.device.type):  # results below the smallest normal number: 0 (see leetdecoding.amp)
-            o, state, checkpoints = segments.run(choice.method, x, choice.options)
+        o, state, checkpoints = segments.run(choice.method, x, choice.options)
     results = (o,) + ((state,) if output_final_state else ()) + ((checkpoints,) if checkpoints is not None else ())
     return results if len(results) > 1 else o
 

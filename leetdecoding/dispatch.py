@@ -7,6 +7,7 @@ A forced method goes through the same check. Performance heuristics live here on
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 
 from . import tuning
 from .inputs import AttentionInputs
+from .memo import tracing
 from .methods import REGISTRY, Method
 
 ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says method="auto"
@@ -30,6 +32,16 @@ VANILLA_MAX_N = 128
 CHUNK_SIZE = 128
 CHUNK_SIZE_SMALL_HEAD = 64
 SMALL_HEAD_DIM = 64
+# On CPU, a decay factor lambda^j just above the smallest normal number `tiny` makes its products with ordinary
+# inputs subnormal, which CPUs compute many times slower: chunked at lambda = 0.5 and chunks of 128 (lambda^118 ..
+# lambda^126 within 2^8 of tiny) ran 2.7x slower than at 0.9 (`python -m benchmarks.subnormal_decays`). Factors
+# below tiny are exactly 0 and cost nothing, and flushing larger ones would lose terms the dtype holds, so the
+# chunk is halved instead (C=64 measured within a few % of 128 at D=128) while some head has more than
+# SUBNORMAL_MAX_POWERS powers below the chunk length within SUBNORMAL_BAND of tiny. Measured at N=4096, D=128: one
+# such power per chunk (lambda = 0.01 at C=128, 1e-6) costs nothing visible, two (0.1 at C=64) 1.8x.
+SUBNORMAL_BAND = 2.0**8
+SUBNORMAL_MAX_POWERS = 1
+SUBNORMAL_MIN_CHUNK = 16
 # Working memory per segment of the chunked method (many chunks per batched matmul). 4 to 16 MiB measured
 # best: small enough to stay in cache-friendly sizes, large enough to amortise Python overhead; 64 MiB was slower.
 SEGMENT_BYTES = 8 << 20
@@ -97,10 +109,32 @@ def setting(name: str, x: AttentionInputs) -> tuple[int, str]:
     return TUNABLE[name], "default"
 
 
+def subnormal_band_powers(log_decay: torch.Tensor, chunk: int) -> int:
+    """The most powers lambda^j, 1 <= j <= chunk, of one head that lie in [tiny, SUBNORMAL_BAND * tiny] of the
+    dtype, where their products with ordinary values turn subnormal. Reads the decay on the host."""
+    tiny = torch.finfo(log_decay.dtype).tiny
+    low, high = -math.log(SUBNORMAL_BAND * tiny), -math.log(tiny)  # the band of -j log lambda
+    most = 0
+    for rate in (-g for g in log_decay.tolist()):
+        if rate > 0:
+            first, last = max(1, math.ceil(low / rate)), min(chunk, math.floor(high / rate))
+            most = max(most, last - first + 1)
+    return most
+
+
+def chunk_size_for(x: AttentionInputs, chunk: int) -> int:
+    """`chunk`, halved on CPU while the decays put many factors of a chunk just above the smallest normal number."""
+    if x.device.type != "cpu" or tracing():
+        return chunk
+    while chunk > SUBNORMAL_MIN_CHUNK and subnormal_band_powers(x.log_decay, chunk) > SUBNORMAL_MAX_POWERS:
+        chunk //= 2
+    return chunk
+
+
 def options_for(method: Method, x: AttentionInputs) -> dict:
     if method.name == "chunked":
         small = max(x.dk, x.dv) <= SMALL_HEAD_DIM
-        chunk = setting("chunk_size_small" if small else "chunk_size_large", x)[0]
+        chunk = chunk_size_for(x, setting("chunk_size_small" if small else "chunk_size_large", x)[0])
         segment = GRAD_SEGMENT_BYTES if x.requires_grad else SEGMENT_BYTES
         return {"chunk_size": chunk, "segment_bytes": segment}
     if method.name == "fleet":
