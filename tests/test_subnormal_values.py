@@ -1,8 +1,5 @@
-"""break3: flush_subnormals (leetdecoding.amp) zeroes results that are normal numbers.
-
-Flush-to-zero plus denormals-are-zero on the CPU flushes subnormal *operands* and subnormal *intermediate*
-products too, not only results the dtype cannot hold: every case below has a normal-number answer (far above
-finfo.tiny), which each method got right with flush_subnormals replaced by a no-op (rel err < 3e-7)."""
+"""Subnormal inputs and partial products whose answers are normal numbers stay exact: nothing flushes subnormal
+operands or partial products (a CPU flush-to-zero mode would give 0 for every case below)."""
 
 from __future__ import annotations
 
@@ -48,9 +45,9 @@ def test_subnormal_products_summing_to_normal(name):
 
 
 @pytest.mark.parametrize("name", ["chunked", "recurrent"])
-def test_custom_backward_flushes_normal_gradients(name):
-    """A loss weight of 1e-39 (subnormal) on outputs of size ~1e6: dv ~ 9.6e-33, normal. vanilla (plain autograd,
-    not flushed) is right; chunked's and recurrent's custom backwards (flushed) return all-zero dq, dk, dv."""
+def test_custom_backward_keeps_normal_gradients(name):
+    """A loss weight of 1e-39 (subnormal) on outputs of size ~1e6: dv ~ 9.6e-33, normal, from the custom
+    backwards as from plain autograd."""
     g = torch.Generator().manual_seed(0)
     q = (torch.randn(1, 1, N, 4, generator=g) * 1e3).requires_grad_()
     k = (torch.randn(1, 1, N, 4, generator=g) * 1e3).requires_grad_()
