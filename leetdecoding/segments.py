@@ -15,10 +15,13 @@ the state they leave, which follows the reference recurrence step by step and so
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .inputs import AttentionInputs
 from .memo import tracing
+from .methods.autograd import PlainAutogradFence
 from .methods.base import Method, new_output
 from .methods.recurrent import Recurrent
 
@@ -31,7 +34,7 @@ def run(method: Method, x: AttentionInputs, options: dict):
         if x.cu_seqlens is None:
             o, state = forward(method, x, options)
             return o, state, None
-        o, state = method.forward(x, **options)
+        o, state = _call(method, x, options)
         if not _suspect(x, o, state):
             return o, state, None
         # packed sequences with a non-finite output: repaired one sequence at a time by the loop below
@@ -73,7 +76,7 @@ def _empty_state(x: AttentionInputs) -> torch.Tensor:
 
 def forward(method: Method, x: AttentionInputs, options: dict):
     """method.forward(x) for a plain (not packed) problem, kept causal when k or v hold NaN or inf (see above)."""
-    o, state = method.forward(x, **options)
+    o, state = _call(method, x, options)
     if not _suspect(x, o, state):
         return o, state
     first = _first_non_finite_token(x)
@@ -82,11 +85,27 @@ def forward(method: Method, x: AttentionInputs, options: dict):
     state = x.initial_state
     parts = []
     if first > 0:
-        head, state = method.forward(x.piece(0, first, state, True), **options)
+        head, state = _call(method, x.piece(0, first, state, True), options)
         parts.append(head)
     tail, state = RECURRENT.forward(x.piece(first, x.seq_len, state, x.output_final_state))
     parts.append(tail)
     return torch.cat(parts, dim=2), state
+
+
+def _call(method: Method, x: AttentionInputs, options: dict):
+    """method.forward(x); a method differentiated by plain autograd runs inside one autograd node whose backward
+    computes with autocast off, as the custom backwards do (see methods.autograd.PlainAutogradFence)."""
+    if not (method.plain_autograd and x.requires_grad) or tracing():
+        return method.forward(x, **options)
+
+    def run(q, k, v, log_decay, initial_state):
+        o, state = method.forward(
+            dataclasses.replace(x, q=q, k=k, v=v, log_decay=log_decay, initial_state=initial_state), **options
+        )
+        return (o,) if state is None else (o, state)
+
+    out = PlainAutogradFence.apply(run, x.q, x.k, x.v, x.log_decay, x.initial_state)
+    return out[0], (out[1] if len(out) > 1 else None)
 
 
 def _suspect(x: AttentionInputs, o: torch.Tensor, state: torch.Tensor | None) -> bool:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..amp import backward_without_autocast
+
 
 def twice_differentiable_grads(
     forward: Callable[..., Sequence[torch.Tensor]],
@@ -67,3 +69,40 @@ def refuse_double_backward(
     linked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     passed = iter(_DoubleBackwardRefused.apply(message, len(present), *present, *linked))
     return [next(passed) if g is not None else None for g in grads]
+
+
+class PlainAutogradFence(torch.autograd.Function):
+    """Runs `run(*inputs)` (a method whose gradient is plain autograd) with its graph kept inside one node, so that
+    its backward computes in the call's own environment (autocast off) wherever backward() is called: plain
+    autograd nodes would run under the caller's autocast and compute an fp32 call's gradient in bf16. The graph is
+    the one autograd would keep anyway; under create_graph=True the backward differentiates `run` again."""
+
+    @staticmethod
+    def forward(ctx, run, *inputs):
+        leaves = tuple(None if t is None else t.detach().requires_grad_(t.requires_grad) for t in inputs)
+        with torch.enable_grad():
+            outputs = run(*leaves)
+        ctx.run, ctx.leaves, ctx.outputs = run, leaves, outputs
+        ctx.save_for_backward(*inputs)
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    @backward_without_autocast
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradients themselves
+            return (None, *twice_differentiable_grads(ctx.run, ctx.saved_tensors, needs, grads))
+        targets = [i for i, t in enumerate(ctx.leaves) if needs[i] and t is not None]
+        pairs = [(o, g) for o, g in zip(ctx.outputs, grads) if o.requires_grad]
+        # retain_graph: the outer graph may be walked again (retain_graph there); the inner graph goes with ctx
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [ctx.leaves[i] for i in targets],
+            [g for _, g in pairs],
+            allow_unused=True,
+            retain_graph=True,
+        )
+        result: list[torch.Tensor | None] = [None] * len(ctx.leaves)
+        for i, g in zip(targets, got):
+            result[i] = g if g is not None else torch.zeros_like(ctx.leaves[i])
+        return (None, *result)

@@ -34,6 +34,7 @@ class Method:
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     max_head_dim: int | None = None
     supports_grad: bool = True
+    plain_autograd: bool = False  # differentiated by autograd through its torch ops (no custom backward)
     supports_state: bool = True
     supports_varlen: bool = True  # packed sequences run through leetdecoding.segments
     native_varlen: bool = False  # forward() takes packed sequences (x.cu_seqlens) itself, in one call

@@ -35,6 +35,7 @@ def padded_length(n: int) -> int:
 class Recursion(Method):
     name = "recursion"
     algorithm = "divide and conquer over halves (cross term through the left half's state)"
+    plain_autograd = True
     time_complexity = "O(N log N Dk Dv)"
     memory_complexity = "O(N Dv + N Dk Dv / 64)"
     time_exponent = 1.1

@@ -18,6 +18,7 @@ from .base import (
 class Vanilla(Method):
     name = "vanilla"
     algorithm = "materialised masked (Q K^T * D) V"
+    plain_autograd = True
     time_complexity = "O(N^2 (Dk+Dv))"
     memory_complexity = "O(N^2)"
     time_exponent = 2.0
