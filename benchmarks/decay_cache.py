@@ -3,10 +3,11 @@
     git worktree add /tmp/orig f4e4e0a          # the baseline: decay tables keyed on tensor identity + version
     python -m benchmarks.decay_cache --baseline /tmp/orig
 
-Cases (fp32, CPU, one decay tensor reused call after call, as a model does): `attention(method="chunked")` at
-B=1, H=8, D=128 for each N, and `decode_step` at B=1, H=8, D=128 (a batch of calls per timing, per-call time
-shown). The baseline package is imported under another name from its own files, so both run in this process
-and each round times both, alternating. Outputs are compared before anything is timed.
+Cases (fp32, CPU, B=1, H=8, D=128, one decay tensor reused call after call, as a model does):
+`attention(method="vanilla")` at N=128 (what auto runs for short inputs), `attention(method="chunked")` at each
+N, and `decode_step` (a batch of calls per timing, per-call time shown). The baseline package is imported under
+another name from its own files, so both run in this process and each round times both, alternating. Outputs
+are compared before anything is timed.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def load_baseline(path: str):
     return module
 
 
-def attention_case(lib, q, k, v, log_decay):
-    return lambda: lib.attention(q, k, v, log_decay=log_decay, method="chunked")
+def attention_case(lib, q, k, v, log_decay, method):
+    return lambda: lib.attention(q, k, v, log_decay=log_decay, method=method)
 
 
 def decode_case(lib, q, k, v, state, log_decay):
@@ -59,7 +60,8 @@ def check_same(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", required=True, help="a checkout of the commit to compare with")
-    p.add_argument("--lengths", default="256,16384")
+    p.add_argument("--lengths", default="256,16384", help="lengths of the chunked cases")
+    p.add_argument("--vanilla-length", type=int, default=128, help="auto's quadratic form at short N")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
@@ -70,12 +72,14 @@ def main(argv=None) -> None:
     h, d = a.heads, a.dim
     log_decay = ld.decay.minimax(h, 3, 12)
     print(f"{'case':>28s} {'baseline ms':>12s} {'this ms':>10s} {'this/base':>10s}   (median, [min, max])")
-    for n in (int(x) for x in a.lengths.split(",")):
+    runs = [("vanilla", a.vanilla_length)] + [("chunked", int(x)) for x in a.lengths.split(",")]
+    for method, n in runs:
         q, k, v = (torch.randn(1, h, n, d) for _ in range(3))
-        cases = {"base": attention_case(base, q, k, v, log_decay), "this": attention_case(ld, q, k, v, log_decay)}
-        check_same(f"chunked N={n}", cases["this"](), cases["base"]())
+        libs = {"base": base, "this": ld}
+        cases = {name: attention_case(lib, q, k, v, log_decay, method) for name, lib in libs.items()}
+        check_same(f"{method} N={n}", cases["this"](), cases["base"]())
         rounds = a.rounds if n <= 4096 else max(3, a.rounds // 3)
-        report(f"chunked N={n}", interleaved(cases, rounds), 1)
+        report(f"{method} N={n}", interleaved(cases, rounds), 1)
     q, k, v = (torch.randn(1, h, d) for _ in range(3))
     state = torch.randn(1, h, d, d)
     check_same("decode_step", ld.decode_step(q, k, v, state, log_decay=log_decay)[0],

@@ -1,8 +1,9 @@
-"""chunked at decays whose factors come close to the smallest normal number, against decay 0.9, interleaved:
-B=1, H=8, N=4096, D=128, fp32. With chunks of 128, lambda = 0.5 puts lambda^118 .. lambda^126 just above the
-smallest normal number and their products with k subnormal, which CPUs compute many times slower; the dispatcher
-halves the chunk for such decays (dispatch.SUBNORMAL_BAND). The chunk used is printed beside each time. Every
-output is checked against the fp64 reference at N=512 first.
+"""chunked at decays whose factors land just above the smallest normal number, for each chunk size, interleaved:
+B=1, H=8, N=4096, D=128, fp32. A factor lambda^j near the smallest normal number turns its products with k
+subnormal, which CPUs compute many times slower (lambda = 0.5 with chunks of 128: lambda^118 .. lambda^126); the
+dispatcher halves the chunk for such decays (dispatch.SUBNORMAL_BAND). Prints, per decay, the median time of every
+chunk size relative to decay 0.9 at chunk 128, and marks the chunk the dispatcher picks (*). Every chunk size is
+checked against the fp64 reference at N=512 first.
 
     python -m benchmarks.subnormal_decays
 """
@@ -14,45 +15,47 @@ import time
 
 import torch
 
-import leetdecoding as ld
+from leetdecoding import dispatch
 from leetdecoding.bench.reference import TOLERANCE, reference
+from leetdecoding.inputs import validate
+from leetdecoding.methods import REGISTRY
 
-DECAYS = {
-    "0.9": [0.9] * 8,
-    "0.5": [0.5] * 8,
-    "0.45": [0.45] * 8,
-    "1e-6": [1e-6] * 8,
-    "0.9 x 7, 0.5": [0.9] * 7 + [0.5],
-}
+DECAYS = (0.9, 0.5, 0.3, 0.2, 0.1, 0.05, 0.01, 1e-6)
+CHUNKS = (16, 32, 64, 128)
+CHUNKED = REGISTRY["chunked"]
 
 
-def check(q, k, v):
-    for name, lam in DECAYS.items():
-        n = 512
-        o = ld.attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], decay=torch.tensor(lam), method="chunked")
-        ref = reference(q[:, :, :n].double(), k[:, :, :n].double(), v[:, :, :n].double(), torch.tensor(lam).double())
+def check(q, k, v, lam: float) -> None:
+    n = 512
+    q, k, v = (t[:, :, :n] for t in (q, k, v))
+    ref = reference(q.double(), k.double(), v.double(), torch.full((q.shape[1],), lam, dtype=torch.float64))
+    x = validate(q, k, v, lam)
+    for c in CHUNKS:
+        o = CHUNKED.forward(x, chunk_size=c)[0]
         err = ((o.double() - ref.o).abs() / (TOLERANCE[torch.float32] * ref.o_abs + 1e-30)).max().item()
-        assert err <= 1.0, f"decay {name}: error {err:.3g} x the fp32 tolerance"
+        assert err <= 1.0, f"decay {lam}, chunk {c}: error {err:.3g} x the fp32 tolerance"
 
 
-def main(rounds: int = 7) -> None:
+def main(rounds: int = 5) -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 8, 4096, 128, generator=g) for _ in range(3))
-    check(q, k, v)
-    lams = {name: torch.tensor(lam) for name, lam in DECAYS.items()}
-    times: dict[str, list[float]] = {name: [] for name in lams}
-    for lam in lams.values():
-        ld.attention(q, k, v, decay=lam, method="chunked")  # warm up
-    for _ in range(rounds):
-        for name, lam in lams.items():
+    times: dict[tuple[float, int], list[float]] = {(lam, c): [] for lam in DECAYS for c in CHUNKS}
+    inputs = {lam: validate(q, k, v, lam) for lam in DECAYS}
+    for lam in DECAYS:
+        check(q, k, v, lam)
+    for _ in range(rounds + 1):  # the first round warms up
+        for (lam, c), ts in times.items():
             t0 = time.perf_counter()
-            ld.attention(q, k, v, decay=lam, method="chunked")
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["0.9"])
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        chunk = ld.explain(q, k, v, decay=lams[name], method="chunked").options["chunk_size"]
-        print(f"decay {name:>14}: {t * 1e3:7.1f} ms  ({t / base:.2f}x decay 0.9), chunk {chunk}")
+            CHUNKED.forward(inputs[lam], chunk_size=c)
+            ts.append(time.perf_counter() - t0)
+    base = statistics.median(times[(0.9, 128)][1:])
+    print(f"chunked forward, N=4096, D=128: time / time at decay 0.9, chunk 128 ({base * 1e3:.1f} ms); "
+          "* = the dispatcher's chunk")
+    print(f"{'decay':>8} " + " ".join(f"{'C=' + str(c):>8}" for c in CHUNKS))
+    for lam in DECAYS:
+        chosen = dispatch.options_for(CHUNKED, inputs[lam])["chunk_size"]
+        cells = [f"{statistics.median(times[(lam, c)][1:]) / base:.2f}{'*' if c == chosen else ' '}" for c in CHUNKS]
+        print(f"{lam:>8g} " + " ".join(f"{cell:>8}" for cell in cells))
 
 
 if __name__ == "__main__":

@@ -58,4 +58,3 @@ def backward_without_autocast(backward):
             return backward(ctx, *grads)
 
     return wrapper
-

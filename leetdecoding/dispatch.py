@@ -33,12 +33,12 @@ CHUNK_SIZE = 128
 CHUNK_SIZE_SMALL_HEAD = 64
 SMALL_HEAD_DIM = 64
 # On CPU, a decay factor lambda^j just above the smallest normal number `tiny` makes its products with ordinary
-# inputs subnormal, which CPUs compute many times slower: chunked at lambda = 0.5 and chunks of 128 (lambda^118 ..
-# lambda^126 within 2^8 of tiny) ran 2.7x slower than at 0.9 (`python -m benchmarks.subnormal_decays`). Factors
-# below tiny are exactly 0 and cost nothing, and flushing larger ones would lose terms the dtype holds, so the
-# chunk is halved instead (C=64 measured within a few % of 128 at D=128) while some head has more than
-# SUBNORMAL_MAX_POWERS powers below the chunk length within SUBNORMAL_BAND of tiny. Measured at N=4096, D=128: one
-# such power per chunk (lambda = 0.01 at C=128, 1e-6) costs nothing visible, two (0.1 at C=64) 1.8x.
+# inputs subnormal, which CPUs compute many times slower. Factors below tiny are exactly 0 and cost nothing, and
+# flushing larger ones would lose terms the dtype holds, so the chunk is halved instead while some head has more
+# than SUBNORMAL_MAX_POWERS powers below the chunk length within SUBNORMAL_BAND of tiny. Measured with
+# `python -m benchmarks.subnormal_decays` (N=4096, D=128, against decay 0.9 at chunks of 128): lambda = 0.5 at
+# C=128 (lambda^118 .. lambda^126 in the band) 2.83x, at the chosen C=64 0.94x; two powers in the band (0.1 at
+# C=64) 2.28x, at the chosen C=32 1.05x; one power (0.01 at C=128, 1e-6) 1.20x, no better at any chunk size.
 SUBNORMAL_BAND = 2.0**8
 SUBNORMAL_MAX_POWERS = 1
 SUBNORMAL_MIN_CHUNK = 16
@@ -314,15 +314,15 @@ class Explanation:
 
 def explain(x: AttentionInputs, method: str = "auto") -> Explanation:
     described = x.describe()
-    x = representative(x)
     memory: dict = {}
     forced = resolve_name(method) != "auto"
     try:
-        c = choose(x, method)
+        c = choose(x, method)  # the caller's inputs: a refusal describes them, not the largest piece
     except MethodRefusedError as e:
         chosen, options, reason, estimate = None, {}, str(e), 0
     else:
         chosen, options, reason, estimate = c.method.name, c.options, c.reason, c.estimate_bytes
+    x = representative(x)
     refusals, others = {}, []
     for n, m in REGISTRY.items():
         r = reasons_for(m, x, options_for(m, x), memory)[0]

@@ -9,9 +9,8 @@ bakes a remembered tensor into its graph, and another thread can write between t
   and the result is computed from exactly those values, never from the live tensor, so an entry always holds
   the tables of its key, whoever writes the tensor meanwhile;
 - nothing is remembered while a graph is recorded (torch.compile, torch.jit.trace: the graph computes from its
-  inputs), for tensors that require
-  grad, or for tensors on other devices (reading their values would be a host sync per call: there the tables
-  are rebuilt per call, on the device, without a sync);
+  inputs), for tensors that require grad, or for tensors on other devices (reading their values would be a host
+  sync per call: there the tables are rebuilt per call, on the device, without a sync);
 - one lock guards the dict, so concurrent calls never see it half updated.
 """
 
@@ -90,10 +89,6 @@ class ValueMemo:
             return compute(source)
         values, copy = snap
         return self.get((values, key), lambda: compute(copy()))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
 
 
 class CheckedTensors:

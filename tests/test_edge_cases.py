@@ -97,8 +97,8 @@ def test_uint8_gamma_with_is_need_exp():
 def test_huge_negative_int_log_decay_is_the_lambda_zero_limit():
     q, k, v = problem(6)
     o = ld.attention(q, k, v, log_decay=-(10**400))  # lambda = 0: o_t = (q_t . k_t) v_t, as for -1e300
-    expected = ld.attention(q, k, v, log_decay=-1e300)
-    assert torch.equal(o, expected)
+    expected = (q * k).sum(-1, keepdim=True) * v
+    torch.testing.assert_close(o, expected, rtol=1e-13, atol=1e-15)
 
 
 def test_huge_int_decay_is_a_value_error_naming_decay():

@@ -163,4 +163,3 @@ def _main(argv: list[str]) -> None:
         flags = {f: bool(case.get(f, False)) for f in ("initial_state", "output_final_state", "grad")}
         peak, estimate = attention_peak(case["method"], tuple(case["shape"]), DTYPES[case["dtype"]], **flags)
         print(json.dumps({**case, "peak": peak, "estimate": estimate}), flush=True)
-

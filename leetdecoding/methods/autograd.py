@@ -29,9 +29,16 @@ def twice_differentiable_grads(
     wanted = [t.view_as(t) if need and t is not None else t for t, need in zip(inputs, needs_grad)]
     with torch.enable_grad():
         outputs = forward(*wanted)
-    targets = [i for i, (t, need) in enumerate(zip(wanted, needs_grad)) if need and t is not None]
+    return _input_grads(outputs, wanted, needs_grad, grad_outputs, create_graph=True)
+
+
+def _input_grads(outputs, inputs, needs_grad, grad_outputs, **options) -> list[torch.Tensor | None]:
+    """torch.autograd.grad of `outputs` towards the inputs that need a gradient (zeros where one is unused), None
+    for the others; outputs that do not require grad are left out."""
+    targets = [i for i, (t, need) in enumerate(zip(inputs, needs_grad)) if need and t is not None]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
     grads = torch.autograd.grad(
-        outputs, [wanted[i] for i in targets], grad_outputs, create_graph=True, allow_unused=True
+        [o for o, _ in pairs], [inputs[i] for i in targets], [g for _, g in pairs], allow_unused=True, **options
     )
     result: list[torch.Tensor | None] = [None] * len(inputs)
     for i, g in zip(targets, grads):
@@ -92,17 +99,5 @@ class PlainAutogradFence(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():  # create_graph=True: a graph of the gradients themselves
             return (None, *twice_differentiable_grads(ctx.run, ctx.saved_tensors, needs, grads))
-        targets = [i for i, t in enumerate(ctx.leaves) if needs[i] and t is not None]
-        pairs = [(o, g) for o, g in zip(ctx.outputs, grads) if o.requires_grad]
         # retain_graph: the outer graph may be walked again (retain_graph there); the inner graph goes with ctx
-        got = torch.autograd.grad(
-            [o for o, _ in pairs],
-            [ctx.leaves[i] for i in targets],
-            [g for _, g in pairs],
-            allow_unused=True,
-            retain_graph=True,
-        )
-        result: list[torch.Tensor | None] = [None] * len(ctx.leaves)
-        for i, g in zip(targets, got):
-            result[i] = g if g is not None else torch.zeros_like(ctx.leaves[i])
-        return (None, *result)
+        return (None, *_input_grads(ctx.outputs, ctx.leaves, needs, grads, retain_graph=True))
