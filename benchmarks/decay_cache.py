@@ -1,11 +1,13 @@
-"""Cost of remembering decay tables by value: this checkout against a baseline checkout, in one run, interleaved.
+"""Cost of the exactness fixes (decay tables by value, the causality check, the exact decay gradient): this
+checkout against a baseline checkout, in one run, interleaved.
 
     git worktree add /tmp/orig f4e4e0a          # the baseline: decay tables keyed on tensor identity + version
     python -m benchmarks.decay_cache --baseline /tmp/orig
 
 Cases (fp32, CPU, B=1, H=8, D=128, one decay tensor reused call after call, as a model does):
 `attention(method="vanilla")` at N=128 (what auto runs for short inputs), `attention(method="chunked")` at each
-N, and `decode_step` (a batch of calls per timing, per-call time shown). The baseline package is imported under
+N, `decode_step` (a batch of calls per timing, per-call time shown), and chunked's forward + backward at
+N=4096 with the decay learnable (--train-length). The baseline package is imported under
 another name from its own files, so both run in this process and each round times both, alternating. Outputs
 are compared before anything is timed.
 """
@@ -43,6 +45,16 @@ def attention_case(lib, q, k, v, log_decay, method):
     return lambda: lib.attention(q, k, v, log_decay=log_decay, method=method)
 
 
+def train_case(lib, q, k, v, log_decay):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, log_decay)]
+
+    def run():
+        o = lib.attention(*leaves[:3], log_decay=leaves[3], method="chunked")
+        return torch.autograd.grad(o.square().sum(), leaves)
+
+    return run
+
+
 def decode_case(lib, q, k, v, state, log_decay):
     def run():
         for _ in range(DECODE_CALLS):
@@ -62,6 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", required=True, help="a checkout of the commit to compare with")
     p.add_argument("--lengths", default="256,16384", help="lengths of the chunked cases")
     p.add_argument("--vanilla-length", type=int, default=128, help="auto's quadratic form at short N")
+    p.add_argument("--train-length", type=int, default=4096, help="chunked forward + backward, decay learnable")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
@@ -80,6 +93,11 @@ def main(argv=None) -> None:
         check_same(f"{method} N={n}", cases["this"](), cases["base"]())
         rounds = a.rounds if n <= 4096 else max(3, a.rounds // 3)
         report(f"{method} N={n}", interleaved(cases, rounds), 1)
+    q, k, v = (torch.randn(1, h, a.train_length, d) for _ in range(3))
+    cases = {name: train_case(lib, q, k, v, log_decay) for name, lib in libs.items()}
+    for name, this, other in zip(("dq", "dk", "dv"), cases["this"](), cases["base"]()):  # d log lambda: fixed
+        check_same(f"forward + backward {name}", this, other)
+    report(f"chunked fwd+bwd N={a.train_length}", interleaved(cases, max(3, a.rounds // 3)), 1)
     q, k, v = (torch.randn(1, h, d) for _ in range(3))
     state = torch.randn(1, h, d, d)
     check_same("decode_step", ld.decode_step(q, k, v, state, log_decay=log_decay)[0],
