@@ -191,6 +191,7 @@ def run_case(b, h, n, d, dtype_name, peers=PEERS, rounds=5, budget=16 * GB, peak
         if row["status"] == "ok":
             calls[x.name] = call
             held += x.held_bytes
+        call = None  # a wrong callable's inputs are not held while the others are timed
     del o_ref, o_abs
     stats = interleaved(calls, rounds=rounds, warmup=0) if calls and rounds > 0 else {}
     useful = 4.0 * b * h * n * d * d
