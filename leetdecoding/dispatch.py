@@ -26,11 +26,12 @@ ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says me
 # Below this length the quadratic form is a single matmul and beats the chunked scan on CPU
 # (leetdecoding bench: vanilla vs chunked cross over between N = 128 and 256 at H = 8, D = 128).
 VANILLA_MAX_N = 128
-# Chunk size of the chunked method: the intra-chunk quadratic work (N C (Dk + Dv)) against the per-chunk state
-# work; measured with `python -m benchmarks.chunk_size` (H=8, N=16384, fp32, this repo's CPU machine): at
-# D=128, C=128 beat C=64 by about 10%; at D=64 the two were within noise, so 64 keeps the smaller working set.
-CHUNK_SIZE = 128
-CHUNK_SIZE_SMALL_HEAD = 64
+# Chunk size of the chunked method: the intra-chunk quadratic work (N C (Dk + Dv)) against the per-chunk cost of
+# the state (a few small products and passes per chunk); measured with `python -m benchmarks.chunk_size` (H=8,
+# N=16384, fp32 and bf16, the CPU machine of 2026-11-30): at D=128 and 256, C=64 beat 32 and 128 by 5-30%; at
+# D=64, C=128 beat 64 by 10-25% (fewer chunks, each too small to hide the per-chunk overhead).
+CHUNK_SIZE = 64
+CHUNK_SIZE_SMALL_HEAD = 128
 SMALL_HEAD_DIM = 64
 # On CPU, a decay factor lambda^j just above the smallest normal number `tiny` makes its products with ordinary
 # inputs subnormal, which CPUs compute many times slower. Factors below tiny are exactly 0 and cost nothing, and

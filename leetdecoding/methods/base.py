@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..decay import finite_log
 from ..inputs import AttentionInputs
 from ..memo import ValueMemo
+from . import hugepages
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -106,6 +107,8 @@ def output_buffer(q: torch.Tensor, dv: int) -> torch.Tensor:
     shape = (*q.shape[:3], dv)
     if FILL_UNWRITTEN_WITH_NAN:
         return torch.full(shape, float("nan"), dtype=q.dtype, device=q.device)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        return hugepages.empty(shape, q.dtype)
     return torch.empty(shape, dtype=q.dtype, device=q.device)
 
 

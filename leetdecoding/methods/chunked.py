@@ -52,6 +52,7 @@ from .base import (
     output_buffer,
     with_margin,
 )
+from .chunk_steps import ComputeDtypeStep, DifferentiableStep, InputDtypeStep
 
 
 def segment_length(q: torch.Tensor, dv: int, chunk_size: int, segment_bytes: int) -> int:
@@ -73,6 +74,7 @@ class Decays(NamedTuple):
     chunk: torch.Tensor  # (1, H, 1, 1): lambda^c
 
 
+STEPS = {"ieee": ComputeDtypeStep, "fast": InputDtypeStep}
 _DECAYS = ValueMemo()  # calls with the same decay values and chunk size share the tables (see leetdecoding.memo)
 
 
@@ -103,31 +105,36 @@ def pieces(n: int, c: int, seg: int):
     return out
 
 
-def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, save_starts):
-    """o (input dtype), the final state, and (if save_starts) the state at the start of every piece."""
+def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, save_starts, precision="ieee"):
+    """o (input dtype), the final state, and (if save_starts) the state at the start of every piece.
+
+    One chunk at a time for all batch rows and heads at once (leetdecoding.methods.chunk_steps), the state
+    (B*H, Dk, Dv) updated in place; `pieces` only mark where the backward's saved states are taken.
+    `precision`: "ieee" (products in the compute dtype) or "fast" (bf16 inputs: bf16 products, fp32 state)."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     cd = log_decay.dtype
     C = max(1, min(chunk_size, N))
-    d = decays(log_decay, C)
-    state = initial_state if initial_state is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
     o = output_buffer(q, Dv)
+    if initial_state is None:
+        state = torch.zeros(B * H, Dk, Dv, dtype=cd, device=q.device)
+    else:
+        state = initial_state.reshape(B * H, Dk, Dv).clone(memory_format=torch.contiguous_format)
     saved = []
+    step = None
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, log_decay, initial_state)
+    )
+    kind = DifferentiableStep if differentiable else STEPS[precision]
     for start, stop, chunks in pieces(N, C, segment_length(q, Dv, C, segment_bytes)):
-        r = C if chunks else stop - start  # tokens per chunk in this piece
-        dd = d if chunks else decays(log_decay, r)
-        g = max(chunks, 1)
-        qc, kc, vc = (t[:, :, start:stop].to(cd).unflatten(2, (g, r)) for t in (q, k, v))
-        out = ((qc @ kc.transpose(-1, -2)) * dd.mask) @ vc
-        kv = (kc * dd.k).transpose(-1, -2) @ vc  # (B, H, g, Dk, Dv): each chunk's own contribution
         if save_starts:
-            saved.append(state)
-        starts, state = chunk_starts(state, kv, dd.chunk)
-        out = out + (qc * dd.q) @ starts
-        if scale != 1.0:
-            out = out * scale
-        o[:, :, start:stop] = out.flatten(2, 3)
-    return o, state, saved
+            saved.append(state.view(B, H, Dk, Dv).clone())
+        r = C if chunks else stop - start  # tokens per chunk in this piece
+        if step is None or step.r != r:
+            step = kind(q, k, v, o, decays(log_decay, r), r, scale)
+        for s in range(start, stop, r):
+            state = step(state, s)
+    return o, state.view(B, H, Dk, Dv), saved
 
 
 def chunk_starts(state, kv, chunk_decay):
@@ -190,8 +197,10 @@ def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state, ch
 
 class ChunkedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes):
-        o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True)
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes, precision):
+        o, final, saved = chunked_fwd(
+            q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True, precision
+        )
         ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
         ctx.args = (scale, chunk_size, segment_bytes)
         return o, final
@@ -209,11 +218,11 @@ class ChunkedFunction(torch.autograd.Function):
             grads = twice_differentiable_grads(
                 forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
             )
-            return *grads, None, None, None
+            return *grads, None, None, None, None
         dq, dk, dv, dg, ds0 = chunked_bwd(
             q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes
         )
-        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None
+        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None, None
 
 
 class Chunked(Method):
@@ -221,7 +230,7 @@ class Chunked(Method):
     algorithm = "block-based / Lightning Attention-2: exact intra-chunk block + carried state"
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv + C^2)"
-    options = {"chunk_size": 64, "segment_bytes": 8 << 20}
+    options = {"chunk_size": 64, "segment_bytes": 8 << 20, "precision": "ieee"}
 
     def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
         c = min(chunk_size, max(x.seq_len, 1))
@@ -229,19 +238,38 @@ class Chunked(Method):
 
     def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **o) -> int:
         c = max(1, min(chunk_size, x.seq_len))
-        seg = min(segment_length(x.q, x.dv, c, segment_bytes), -(-x.seq_len // c) * c)
-        # per token of a segment: scores and their masked copy (2C), decayed q and k, intra and inter outputs and
-        # their sum, compute-dtype copies of q, k, v; per chunk: its state contribution and its start state
-        per_token = 2 * c + 2 * x.dk + 3 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
-        per_head = seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
-        if x.requires_grad:  # the segment-start states kept for the backward
+        # the forward's buffers (leetdecoding.methods.chunk_steps), for a chunk and the last partial one: scores,
+        # decayed q and k, output parts; compute-dtype or contiguous copies of q, k, v; the state and its copies
+        per_head = 2 * (c * c + c * (4 * x.dk + 4 * x.dv)) + 3 * x.dk * x.dv
+        if not all(_merges(t) for t in (x.q, x.k, x.v)):  # copied once as (B*H, N, D)
+            per_head += x.seq_len * (2 * x.dk + x.dv)
+        if x.requires_grad:
+            seg = min(segment_length(x.q, x.dv, c, segment_bytes), -(-x.seq_len // c) * c)
+            # the segment-start states kept for the backward, and the backward's segment: scores and their
+            # masked copy, decayed q and k, outputs, compute-dtype copies; per chunk its contribution and states
             per_head += -(-x.seq_len // max(seg, 1)) * x.dk * x.dv  # (no segment at N = 0)
-        return with_margin(elem_bytes(x) * x.batch * x.heads * per_head)
+            per_token = 2 * c + 2 * x.dk + 3 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
+            per_head += seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
+        tables = 2 * 4 * x.heads * c * c * 8  # the decay tables of both chunk sizes, built in fp64 (a few temporaries)
+        return with_margin(elem_bytes(x) * x.batch * x.heads * per_head + tables)
 
-    def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **options):
+    def forward(
+        self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, precision="ieee", **options
+    ):
+        if precision not in STEPS:
+            raise ValueError(f"chunked: precision must be one of {sorted(STEPS)}, got {precision!r}")
+        if x.dtype != torch.bfloat16:
+            precision = "ieee"  # "fast" products are bf16 products (see leetdecoding.methods.chunk_steps)
         args = (x.scale, chunk_size, segment_bytes)
         if x.requires_grad:
-            o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args)
+            o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args, precision)
         else:  # nothing saved
-            o, state, _ = chunked_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, *args[1:], False)
+            o, state, _ = chunked_fwd(
+                x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, *args[1:], False, precision
+            )
         return o, (state if x.output_final_state else None)
+
+
+def _merges(t: torch.Tensor) -> bool:
+    """Whether (B, H, N, D) views as (B*H, N, D) without a copy."""
+    return t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
