@@ -52,6 +52,7 @@ from .base import (
     output_buffer,
     with_margin,
 )
+from .chunk_backward import BackwardStep
 from .chunk_steps import ComputeDtypeStep, DifferentiableStep, InputDtypeStep
 
 
@@ -137,67 +138,48 @@ def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_by
     return o, state.view(B, H, Dk, Dv), saved
 
 
-def chunk_starts(state, kv, chunk_decay):
-    """The state at the start of each of the chunks whose own contributions are kv (B, H, g, Dk, Dv), and the
-    state after the last. A loop over chunks measured faster on CPU than a batched discounted scan."""
-    starts = torch.empty_like(kv)
-    for c in range(kv.shape[2]):
-        starts[:, :, c] = state
-        state = chunk_decay * state + kv[:, :, c]
-    return starts, state
-
-
-def chunked_bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes):
-    """Gradients (dq, dk, dv, d log_decay, d initial_state) of chunked_fwd, recomputing chunk by chunk."""
+def chunked_bwd(
+    q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes, decay_grad=True
+):
+    """Gradients (dq, dk, dv, d log_decay or None, d initial_state) of chunked_fwd: the pieces in reverse, each
+    piece's chunk-start states recomputed from its saved start state, then its chunks in reverse
+    (leetdecoding.methods.chunk_backward). `decay_grad=False` skips the decay's gradient (a fixed decay)."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     cd = log_decay.dtype
     C = max(1, min(chunk_size, N))
-    d = decays(log_decay, C)
-    grad = d_final.to(cd) if d_final is not None else torch.zeros(B, H, Dk, Dv, dtype=cd, device=q.device)
+    if d_final is None:
+        grad = torch.zeros(B * H, Dk, Dv, dtype=cd, device=q.device)
+    else:
+        grad = d_final.to(cd).reshape(B * H, Dk, Dv).clone(memory_format=torch.contiguous_format)
     gap = torch.zeros_like(grad)  # D': the gap-weighted twin of grad (see the module docstring)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    d_log = torch.zeros(H, dtype=torch.float64, device=q.device)
+    dq, dk, dv = (output_buffer(t, t.shape[-1]) for t in (q, k, v))
+    d_log = torch.zeros(B * H, dtype=torch.float64, device=q.device)
     plan = pieces(N, C, segment_length(q, Dv, C, segment_bytes))
+    starts = torch.empty(max([chunks for *_, chunks in plan] + [1]), B * H, Dk, Dv, dtype=cd, device=q.device)
+    step = None
     for (start, stop, chunks), piece_start in zip(reversed(plan), reversed(saved)):
         r = C if chunks else stop - start
-        dd = d if chunks else decays(log_decay, r)
+        if step is None or step.r != r:
+            step = BackwardStep(q, k, v, do, (dq, dk, dv), decays(log_decay, r), r, scale, decay_grad)
         g = max(chunks, 1)
-        qc, kc, vc = (t[:, :, start:stop].to(cd).unflatten(2, (g, r)) for t in (q, k, v))
-        kv = (kc * dd.k).transpose(-1, -2) @ vc  # (B, H, g, Dk, Dv): each chunk's own state contribution
-        starts = chunk_starts(piece_start, kv, dd.chunk)[0]  # recomputed
-        dos = do[:, :, start:stop].to(cd).unflatten(2, (g, r))
-        if scale != 1.0:
-            dos = dos * scale
-        qd = (qc * dd.q).transpose(-1, -2) @ dos  # (B, H, g, Dk, Dv): what each chunk adds to D going back
-        ends = torch.empty_like(qd)  # gradient of the state at each chunk's end (D)
-        gaps = torch.empty_like(qd)  # and its gap-weighted twin (D')
+        starts[0].copy_(piece_start.reshape(B * H, Dk, Dv))
+        for c in range(g - 1):
+            step.state_after(starts[c], start + c * r, starts[c + 1])
         for c in reversed(range(g)):
-            ends[:, :, c], gaps[:, :, c] = grad, gap
-            gap = dd.chunk * (gap + r * grad)
-            grad = dd.chunk * grad + qd[:, :, c]
-        dov = (dos @ vc.transpose(-1, -2)) * dd.mask  # (B, H, g, r, r)
-        qk = qc @ kc.transpose(-1, -2)
-        dq_inter = (dos * dd.q) @ starts.transpose(-1, -2)
-        dk_inter = (vc @ ends.transpose(-1, -2)) * dd.k
-        dq[:, :, start:stop] = (dov @ kc + dq_inter).flatten(2, 3)
-        dk[:, :, start:stop] = (dov.transpose(-1, -2) @ qc + dk_inter).flatten(2, 3)
-        dv[:, :, start:stop] = ((qk * dd.mask).transpose(-1, -2) @ dos + (kc * dd.k) @ ends).flatten(2, 3)
-        idx = torch.arange(r, device=q.device, dtype=cd)
-        d_log += (
-            (dov * qk).mul_(dd.distance).sum((0, 2, 3, 4)).double()  # intra-chunk pairs, weight t - s
-            + ((qc * dq_inter).sum(-1) * (idx + 1)).sum((0, 2, 3)).double()  # weight t - p + 1
-            + ((kc * dk_inter).sum(-1) * (r - 1 - idx)).sum((0, 2, 3)).double()  # weight e - 1 - s
-            + (kv * gaps).sum((0, 2, 3, 4)).double()  # weight p - e
-        )
+            part = step(start + c * r, starts[c], grad, gap)
+            if part is not None:
+                d_log += part.double()
+    if not decay_grad:
+        return dq, dk, dv, None, grad.view(B, H, Dk, Dv)
     if initial_state is not None:  # the initial state: a chunk ending at 0, so only its gaps count
-        d_log += (initial_state * gap).sum((0, 2, 3)).double()
-    return dq, dk, dv, d_log.to(cd), grad
+        d_log += (initial_state.reshape(B * H, Dk, Dv) * gap).sum((-1, -2)).double()
+    return dq, dk, dv, d_log.view(B, H).sum(0).to(cd), grad.view(B, H, Dk, Dv)
 
 
 class ChunkedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes, precision):
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes, precision="ieee"):
         o, final, saved = chunked_fwd(
             q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True, precision
         )
@@ -220,7 +202,8 @@ class ChunkedFunction(torch.autograd.Function):
             )
             return *grads, None, None, None, None
         dq, dk, dv, dg, ds0 = chunked_bwd(
-            q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes
+            q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes,
+            decay_grad=ctx.needs_input_grad[3],
         )
         return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None, None
 

@@ -1,0 +1,109 @@
+"""The backward of one chunk of the chunked method, for every (batch row, head) at once, chunks in reverse.
+
+With dO = scale * do, S the state at the chunk's start (recomputed from the piece's saved start state), D the
+gradient of the state at the chunk's end and D' its gap-weighted twin (leetdecoding.methods.chunked's docstring
+has the derivation), for a chunk of r tokens:
+
+    dA = (dO v^T) * mask           A = (q k^T) * mask
+    dq = dA k + (dO * lambda^(t+1)) S^T
+    dk = dA^T q + (v D^T) * lambda^(r-1-s)
+    dv = A^T dO + (k * lambda^(r-1-s)) D
+    D' <- lambda^r (D' + r D),     D <- lambda^r D + q^T (dO * lambda^(t+1))
+
+and, only when the decay needs a gradient, the chunk's distance-weighted terms of d log lambda. Every product is
+one (B*H)-batched matmul into a buffer reused from chunk to chunk; D, D' and the states stay in cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk_steps import _flat
+
+
+class BackwardStep:
+    def __init__(self, q, k, v, do, grads, dd, r: int, scale: float, decay_grad: bool):
+        B, H, _, Dk = q.shape
+        Dv = v.shape[-1]
+        cd = dd.chunk.dtype
+        self.r, self.scale, self.heads, self.decay_grad = r, scale, (B, H), decay_grad
+        self.inputs = [_flat(t) for t in (q, k, v, do)]
+        self.grads = [_flat(t) for t in grads]  # dq, dk, dv: contiguous, written chunk by chunk
+        self.mask = dd.mask.view(H, r, r)
+        self.q_decay, self.k_decay = dd.q.view(H, r, 1), dd.k.view(H, r, 1)
+        self.chunk_decay = dd.chunk.view(H, 1, 1)
+        new = lambda *shape: torch.empty(B * H, *shape, dtype=cd, device=q.device)  # noqa: E731
+        self.cast = [new(r, Dk), new(r, Dk), new(r, Dv), new(r, Dv)] if q.dtype != cd or do.dtype != cd else None
+        self.dos = new(r, Dv) if scale != 1.0 else None
+        self.scores, self.d_scores, self.qdo, self.kd = new(r, r), new(r, r), new(r, Dv), new(r, Dk)
+        self.dq, self.dk, self.dv, self.vd = new(r, Dk), new(r, Dk), new(r, Dv), new(r, Dv)
+        if decay_grad:
+            idx = torch.arange(r, device=q.device, dtype=cd)
+            self.mask_distance = self.mask * dd.distance  # the intra-chunk pairs' weights t - s
+            self.q_weight, self.k_weight = (idx + 1).view(r, 1), (r - 1 - idx).view(r, 1)
+            self.dq_inter, self.dk_inter, self.pairs, self.vg = new(r, Dk), new(r, Dk), new(r, r), new(r, Dk)
+
+    def chunk(self, s: int, which=(0, 1, 2, 3)) -> list[torch.Tensor]:
+        """Of q, k, v, dO (`which` of them), the chunk at s as (B*H, r, D) in the compute dtype; dO scaled."""
+        out = []
+        for i in which:
+            t = self.inputs[i][:, s : s + self.r]
+            if self.cast is not None:
+                t = self.cast[i].copy_(t)
+            if i == 3 and self.dos is not None:
+                t = torch.mul(t, self.scale, out=self.dos)
+            out.append(t)
+        return out
+
+    def __call__(self, s: int, start: torch.Tensor, grad: torch.Tensor, gap: torch.Tensor):
+        """Writes dq, dk, dv of the chunk at s; moves grad (D) and gap (D') to the chunk's start in place.
+        Returns the chunk's share of d log lambda, (B*H,) in the compute dtype, or None without decay_grad."""
+        B, H = self.heads
+        r = self.r
+        qc, kc, vc, dos = self.chunk(s)
+        heads = lambda t: t.view(B, H, *t.shape[1:])  # noqa: E731
+        torch.bmm(qc, kc.transpose(1, 2), out=self.scores)
+        torch.bmm(dos, vc.transpose(1, 2), out=self.d_scores)
+        d_log = None
+        if self.decay_grad:  # pairs (t, s) in the chunk, weight t - s
+            torch.mul(self.scores, self.d_scores, out=self.pairs)
+            d_log = heads(self.pairs).mul_(self.mask_distance).sum((-1, -2)).flatten()
+        heads(self.scores).mul_(self.mask)
+        heads(self.d_scores).mul_(self.mask)
+        torch.mul(heads(dos), self.q_decay, out=heads(self.qdo))
+        torch.bmm(self.d_scores, kc, out=self.dq)
+        if self.decay_grad:  # the inter part of dq separately: its pairs with the state, weight t - p + 1
+            torch.bmm(self.qdo, start.transpose(1, 2), out=self.dq_inter)
+            d_log += (qc * self.dq_inter * self.q_weight).sum((-1, -2))
+            self.dq.add_(self.dq_inter)
+        else:
+            self.dq.baddbmm_(self.qdo, start.transpose(1, 2))
+        torch.bmm(self.d_scores.transpose(1, 2), qc, out=self.dk)
+        torch.mul(heads(vc), self.k_decay, out=heads(self.vd))  # (v * lambda^(r-1-s)) D^T = (v D^T) * ...
+        if self.decay_grad:  # the inter part of dk separately: pairs with later chunks, weight e - 1 - s
+            dk_inter = torch.bmm(self.vd, grad.transpose(1, 2), out=self.dk_inter)
+            d_log += (kc * dk_inter * self.k_weight).sum((-1, -2))
+            self.dk.add_(dk_inter)
+        else:
+            self.dk.baddbmm_(self.vd, grad.transpose(1, 2))
+        torch.mul(heads(kc), self.k_decay, out=heads(self.kd))
+        torch.bmm(self.scores.transpose(1, 2), dos, out=self.dv)
+        self.dv.baddbmm_(self.kd, grad)
+        for out, g in zip(self.grads, (self.dq, self.dk, self.dv)):
+            out[:, s : s + r] = g
+        if self.decay_grad:  # the chunk's own contribution to the state against D', weight p - e
+            torch.bmm(vc, gap.transpose(1, 2), out=self.vg)
+            d_log += (self.kd * self.vg).sum((-1, -2))
+            gap.add_(grad, alpha=r)
+            heads(gap).mul_(self.chunk_decay)
+        heads(grad).mul_(self.chunk_decay)
+        grad.baddbmm_(qc.transpose(1, 2), self.qdo)
+        return d_log
+
+    def state_after(self, state: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
+        """out = the state after the chunk at s, from the state at its start (the forward's update)."""
+        B, H = self.heads
+        kc, vc = self.chunk(s, (1, 2))
+        torch.mul(kc.view(B, H, self.r, -1), self.k_decay, out=self.kd.view(B, H, self.r, -1))
+        torch.mul(state.view(B, H, *state.shape[1:]), self.chunk_decay, out=out.view(B, H, *out.shape[1:]))
+        return out.baddbmm_(self.kd.transpose(1, 2), vc)
