@@ -109,8 +109,9 @@ def _call(method: Method, x: AttentionInputs, options: dict):
 
 
 def _suspect(x: AttentionInputs, o: torch.Tensor, state: torch.Tensor | None) -> bool:
-    """Whether the result holds a non-finite value while k or v do. The output is summed in fp32 or wider (a
-    sum that overflows only costs the second check). Skipped while a graph is recorded (torch.compile needs the
+    """Whether the result holds a non-finite value while k or v do. The output is summed in its own dtype (torch
+    accumulates a bf16 or fp16 sum in fp32 without a converted copy of the output; a sum that overflows only costs
+    the second check). Skipped while a graph is recorded (torch.compile needs the
     value: a graph break, or no fullgraph compile at all; torch.jit.trace would bake the branch in) and while a
     CUDA graph is captured (a sync is not allowed there): compiled and captured calls get the method's own
     result, exact for finite inputs."""
@@ -119,7 +120,7 @@ def _suspect(x: AttentionInputs, o: torch.Tensor, state: torch.Tensor | None) ->
     if o.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     with torch.no_grad():
-        total = o.sum(dtype=torch.promote_types(o.dtype, torch.float32))
+        total = o.sum()
         if state is not None:
             total = total + state.sum()
         if bool(torch.isfinite(total)):

@@ -221,9 +221,11 @@ class Chunked(Method):
 
     def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **o) -> int:
         c = max(1, min(chunk_size, x.seq_len))
-        # the forward's buffers (leetdecoding.methods.chunk_steps), for a chunk and the last partial one: scores,
-        # decayed q and k, output parts; compute-dtype or contiguous copies of q, k, v; the state and its copies
-        per_head = 2 * (c * c + c * (4 * x.dk + 4 * x.dv)) + 3 * x.dk * x.dv
+        # the forward's buffers (leetdecoding.methods.chunk_steps), for a chunk and, while the last partial chunk's
+        # are made, those too: scores, decayed q and k, output; compute-dtype copies of lower-precision q, k, v
+        steps = 2 if x.seq_len % c and x.seq_len > c else 1
+        copies = 2 if x.dtype != x.compute_dtype else 1
+        per_head = steps * (c * c + c * (2 * x.dk + x.dv) * copies) + 2 * x.dk * x.dv  # + the state and a copy
         if not all(_merges(t) for t in (x.q, x.k, x.v)):  # copied once as (B*H, N, D)
             per_head += x.seq_len * (2 * x.dk + x.dv)
         if x.requires_grad:
@@ -233,7 +235,7 @@ class Chunked(Method):
             per_head += -(-x.seq_len // max(seg, 1)) * x.dk * x.dv  # (no segment at N = 0)
             per_token = 2 * c + 2 * x.dk + 3 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
             per_head += seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
-        tables = 2 * 4 * x.heads * c * c * 8  # the decay tables of both chunk sizes, built in fp64 (a few temporaries)
+        tables = 3 * x.heads * c * c * 8  # building a chunk's decay tables: a few (H, C, C) fp64 temporaries
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head + tables)
 
     def forward(
