@@ -53,6 +53,9 @@ def step(state, q_t, k_t, v_t, lam, out=None, lam_values=None):
     if (
         b * h * head_bytes <= CACHE_BLOCK_BYTES
         or not state.is_cpu
+        or not state.is_contiguous()  # a strided view of a larger cache: one pass at a time over the whole state
+        or out is not None
+        and not out.is_contiguous()
         or tracing()
         or torch.is_grad_enabled()
         and any(t.requires_grad for t in (state, q_t, k_t, v_t, lam))
@@ -77,13 +80,20 @@ def step(state, q_t, k_t, v_t, lam, out=None, lam_values=None):
             torch.bmm(q4[:, i], s, out=o[i])  # the head's new state, still in the cache
         return o.view(h, b, dv).transpose(0, 1).contiguous(), state
     new = out if out is not None else torch.empty(b, h, dk, dv, dtype=state.dtype)
-    o = torch.empty(b, h, 1, dv, dtype=state.dtype)
-    group = max(1, CACHE_BLOCK_BYTES // head_bytes)  # heads of one batch row per block
-    for r in range(b):
-        for i in range(0, h, group):
-            j = min(h, i + group)
-            s = torch.mul(state[r, i:j], lam[0, i:j], out=new[r, i:j]).addcmul_(k4[r, i:j], v4[r, i:j])
-            torch.bmm(q4[r, i:j], s, out=o[r, i:j])
+    n = b * h
+    o = torch.empty(n, 1, dv, dtype=state.dtype)
+    operands = (  # (B*H, ...) views, split into blocks by one call each (slicing per block costs more)
+        state.view(n, dk, dv),
+        new.view(n, dk, dv),
+        lam.view(h, 1, 1).expand(b, h, 1, 1).reshape(n, 1, 1),
+        k_t.reshape(n, dk, 1),
+        v_t.reshape(n, 1, dv),
+        q_t.reshape(n, 1, dk),
+        o,
+    )
+    blocks = (t.split(max(1, CACHE_BLOCK_BYTES // head_bytes)) for t in operands)
+    for s, s_new, lam_b, k_b, v_b, q_b, o_b in zip(*blocks):
+        torch.bmm(q_b, torch.mul(s, lam_b, out=s_new).addcmul_(k_b, v_b), out=o_b)
     return o.view(b, h, dv), new
 
 
