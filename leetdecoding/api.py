@@ -9,7 +9,7 @@ from .amp import without_autocast
 from .inputs import AttentionInputs, validate, validate_decode
 from .methods import REGISTRY
 from .methods.base import decay_factor, finish, head_log_decay, state_contribution
-from .methods.recurrent import step, step_decay
+from .methods.recurrent import step, step_factors
 
 
 def _empty_sequence(x: AttentionInputs):
@@ -98,7 +98,7 @@ def decode_step(
     Returns (o (B, H, Dv) in the input dtype, new_state). The new state is a new tensor, or is written into
     `out_state` when given; `out_state=state` updates the state in place, so a server reuses one buffer.
     """
-    d = validate_decode(q, k, v, state, decay, log_decay, scale, out_state)
+    d = validate_decode(q, k, v, state, decay, log_decay, scale, out_state, step_factors)
     cd = d.compute_dtype
     if out_state is not None and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad or d.log_decay.requires_grad
@@ -109,11 +109,11 @@ def decode_step(
 
         if not triton_methods.decode_step_reasons(q, k, v, state):
             return triton_methods.decode_step(q, k, v, state, d.log_decay, d.scale, out_state)
-    lam = step_decay(d.log_decay)
+    lam, lam_values = d.derived  # from the validation's one read of the decay
     dtype = q.dtype
     if dtype != cd:
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
-    o, new = step(state, q, k, v, lam, out_state)
+    o, new = step(state, q, k, v, lam, out_state, lam_values)
     if d.scale != 1.0:
         o = o * d.scale
     return o.to(dtype), new

@@ -290,10 +290,14 @@ class DecodeInputs:
     log_decay: torch.Tensor  # (H,) in compute_dtype
     scale: float
     compute_dtype: torch.dtype
+    derived: tuple = ()  # derive(log_decay, remembered) of validate_decode, from the same read of the decay
 
 
-def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> DecodeInputs:
+def validate_decode(q, k, v, state, decay, log_decay, scale, out_state, derive=None) -> DecodeInputs:
     """Checks for one decode step: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) in the state dtype.
+
+    `derive`: tables the step needs from the decay, computed with the validation from one read of its values
+    (see `leetdecoding.decay.canonical_log_decay`).
 
     This runs once per token: the common case is decided by a few direct comparisons, and the detailed checks
     (which name what is wrong) run only when one of them fails.
@@ -324,11 +328,10 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state) -> Decod
     if not ok:  # raises with the detail, or finds the inputs valid after all (the fast checks are a shortcut)
         _explain_decode_error(q, k, v, state, out_state)
         cd = compute_dtype_for(q.dtype)
-    return DecodeInputs(
-        _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd),
-        scale if type(scale) is float and math.isfinite(scale) else check_scale(scale),
-        cd,
-    )
+    log = _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd, derive)
+    log, derived = (log, ()) if derive is None else (log[0], log[1:])
+    scale = scale if type(scale) is float and math.isfinite(scale) else check_scale(scale)
+    return DecodeInputs(log, scale, cd, derived)
 
 
 def _explain_decode_error(q, k, v, state, out_state) -> None:
