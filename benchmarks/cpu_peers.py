@@ -3,6 +3,7 @@
     python -m benchmarks.cpu_peers                       # N = 4096, 16384; B = 1; D = 128; fp32 and bf16
     python -m benchmarks.cpu_peers --full                # N in {4096, 16384, 65536}, B in {1, 4}, D in {64, 128, 256}
     python -m benchmarks.cpu_peers --error-by-position   # bf16, N = 65536: the error per block of 4096 positions
+    git worktree add /tmp/before 4a2703e && python -m benchmarks.cpu_peers --baseline /tmp/before   # before/after
 
 Timed: leetdecoding.attention (auto), LeetDecoding 0.0.3's block-based and lightningAttention2_torch, transformers'
 MiniMax prefill loop and fla's naive_chunk_simple_gla (benchmarks/peers.py loads them), H = 8, MiniMax decays
@@ -26,6 +27,7 @@ import torch
 import leetdecoding as ld
 from benchmarks import peers as peer_loaders
 from benchmarks.common import feed, header, interleaved, minimax_core, minimax_log_decay
+from benchmarks.decay_cache import load_baseline
 from leetdecoding.bench.reference import TOLERANCE
 from leetdecoding.bench.timing import time_call
 
@@ -62,14 +64,18 @@ def _load(loader):
     return result
 
 
-def entries(q, k, v, log_decay, peers, layer=0) -> tuple[list[Entry], dict[str, str]]:
-    """The callables for these inputs, and the reason for each peer that cannot be loaded."""
+def entries(q, k, v, log_decay, peers, layer=0, baseline=None) -> tuple[list[Entry], dict[str, str]]:
+    """The callables for these inputs, and the reason for each peer that cannot be loaded. `baseline`: another
+    checkout's leetdecoding package (benchmarks.decay_cache.load_baseline), timed beside ours, not as a peer."""
     b, h, n, d = q.shape
     e, s = q.numel(), q.element_size()
     plan = ld.explain(q, k, v, log_decay=log_decay)
     ours = partial(ld.attention, q, k, v, log_decay=log_decay)
     peak = max(plan.estimate_bytes, 2 * e * 4)  # the plan's estimate was below the measured peak in bf16
     out = [Entry(f"leetdecoding auto ({plan.method})", "ours", False, 0, peak, lambda: ours)]
+    if baseline is not None:
+        theirs = partial(baseline.attention, q, k, v, log_decay=log_decay)
+        out.append(Entry("leetdecoding before (--baseline, auto)", "before", False, 0, 4 * peak, lambda: theirs))
     skipped = {}
     if "leetdecoding-0.0.3" in peers:
         try:
@@ -151,14 +157,16 @@ def gemm_peaks(n: int = 2048) -> dict[str, float]:
 
 
 @torch.no_grad()
-def run_case(b, h, n, d, dtype_name, peers=PEERS, rounds=5, budget=16 * GB, peak=None, layer=0) -> list[dict]:
+def run_case(
+    b, h, n, d, dtype_name, peers=PEERS, rounds=5, budget=16 * GB, peak=None, layer=0, baseline=None
+) -> list[dict]:
     """One shape and dtype: a row per callable (checked, then timed interleaved) and per peer that cannot run."""
     dtype = DTYPES[dtype_name]
     case = {"b": b, "h": h, "n": n, "d": d, "dtype": dtype_name, "gemm_peak": peak}
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, dtype=dtype) for _ in range(3))
     log_decay = minimax_log_decay(minimax_core(h, d, layer))
-    found, skipped = entries(q, k, v, log_decay, peers, layer)
+    found, skipped = entries(q, k, v, log_decay, peers, layer, baseline)
     rows = [
         {**case, "name": name, "short": name, "peer": True, "status": f"skipped: {why}"}
         for name, why in skipped.items()
@@ -210,7 +218,7 @@ def run_case(b, h, n, d, dtype_name, peers=PEERS, rounds=5, budget=16 * GB, peak
 
 
 def measure(
-    ns, batches, dims, dtypes, heads=8, peers=PEERS, rounds=5, budget=16 * GB, layer=0, echo=None
+    ns, batches, dims, dtypes, heads=8, peers=PEERS, rounds=5, budget=16 * GB, layer=0, echo=None, baseline=None
 ) -> list[dict]:
     """The torch.mm peak rows, then run_case's rows for every case of the grid (each passed to `echo` as it ends)."""
     peaks = gemm_peaks()
@@ -219,11 +227,30 @@ def measure(
         for d in dims:
             for b in batches:
                 for n in ns:
-                    case = run_case(b, heads, n, d, dtype_name, peers, rounds, budget, peaks[dtype_name], layer)
+                    case = run_case(
+                        b, heads, n, d, dtype_name, peers, rounds, budget, peaks[dtype_name], layer, baseline
+                    )
                     if echo:
                         echo(case)
                     rows += case
     return rows
+
+
+# issue 11's prefill targets: fp32 at D = 128 and N >= 4096 at least half the same run's fp32 matmul peak in
+# useful GFLOP/s and 1.6x the fastest peer; bf16 at least 2x the fastest peer
+PEAK_TARGET = 0.5
+SPEEDUP_TARGET = {"fp32": 1.6, "bf16": 2.0}
+
+
+def targets(ours: dict) -> list[tuple[str, str, bool]]:
+    """(figure, target, met) for our row of a case, where the issue sets a target for it."""
+    out = []
+    if ours["dtype"] == "fp32" and ours["d"] == 128 and ours["n"] >= 4096 and "of_peak" in ours:
+        out.append((f"{ours['of_peak']:.0%} of the fp32 peak", f">= {PEAK_TARGET:.0%}", ours["of_peak"] >= PEAK_TARGET))
+    if "speedup" in ours and ours["dtype"] in SPEEDUP_TARGET:
+        goal = SPEEDUP_TARGET[ours["dtype"]]
+        out.append((f"{ours['speedup']:.2f}x the fastest peer", f">= {goal}x", ours["speedup"] >= goal))
+    return out
 
 
 def print_case(rows: list[dict], by_position: bool = False) -> None:
@@ -241,6 +268,8 @@ def print_case(rows: list[dict], by_position: bool = False) -> None:
     ours = next(r for r in rows if not r["peer"])
     if "speedup" in ours:
         print(f"speed-up of leetdecoding over the fastest peer ({ours['fastest_peer']}): {ours['speedup']:.2f}x")
+    for figure, target, met in targets(ours):
+        print(f"  target: {figure} {target}: {'met' if met else 'NOT MET'}")
     checked = [r for r in rows if "error_by_block" in r]
     if by_position and checked:
         print(f"max relative error per block of {BLOCK} positions (tolerance {checked[0]['tolerance']:.0e}):")
@@ -264,6 +293,7 @@ def main(argv=None) -> None:
     p.add_argument("--layer", type=int, default=0, help="MiniMax layer of 12 whose decays are used (11: the slowest)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--mem-gb", type=float, help="memory budget (default: 80%% of MemAvailable)")
+    p.add_argument("--baseline", help="a checkout of another commit, timed beside this one (e.g. a git worktree)")
     a = p.parse_args(argv)
     grid = {"n": [4096, 16384, 65536], "batch": [1, 4], "dim": [64, 128, 256], "dtype": list(DTYPES)}
     if not a.full:
@@ -277,7 +307,8 @@ def main(argv=None) -> None:
     header(f"prefill against the peers, H={a.heads}, MiniMax decays (layer {a.layer} of 12), scale 1")
     print(f"# memory budget {budget / GB:.1f} GB; peers: {', '.join(a.peers)}")
     echo = lambda case: print_case(case, a.error_by_position)  # noqa: E731
-    rows = measure(ns, batches, dims, dtypes, a.heads, a.peers, a.rounds, budget, a.layer, echo)
+    baseline = load_baseline(a.baseline) if a.baseline else None
+    rows = measure(ns, batches, dims, dtypes, a.heads, a.peers, a.rounds, budget, a.layer, echo, baseline)
     print("\n" + "; ".join(f"{r['name']} {r['dtype']}: {r['gflops']:.0f} GFLOP/s" for r in rows if "b" not in r))
 
 

@@ -53,7 +53,7 @@ from .base import (
     with_margin,
 )
 from .chunk_backward import BackwardStep
-from .chunk_steps import ComputeDtypeStep, DifferentiableStep, InputDtypeStep
+from .chunk_steps import ComputeDtypeStep, DifferentiableStep
 
 
 def segment_length(q: torch.Tensor, dv: int, chunk_size: int, segment_bytes: int) -> int:
@@ -75,7 +75,6 @@ class Decays(NamedTuple):
     chunk: torch.Tensor  # (1, H, 1, 1): lambda^c
 
 
-STEPS = {"ieee": ComputeDtypeStep, "fast": InputDtypeStep}
 _DECAYS = ValueMemo()  # calls with the same decay values and chunk size share the tables (see leetdecoding.memo)
 
 
@@ -106,12 +105,11 @@ def pieces(n: int, c: int, seg: int):
     return out
 
 
-def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, save_starts, precision="ieee"):
+def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, save_starts):
     """o (input dtype), the final state, and (if save_starts) the state at the start of every piece.
 
     One chunk at a time for all batch rows and heads at once (leetdecoding.methods.chunk_steps), the state
-    (B*H, Dk, Dv) updated in place; `pieces` only mark where the backward's saved states are taken.
-    `precision`: "ieee" (products in the compute dtype) or "fast" (bf16 inputs: bf16 products, fp32 state)."""
+    (B*H, Dk, Dv) updated in place; `pieces` only mark where the backward's saved states are taken."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     cd = log_decay.dtype
@@ -126,7 +124,7 @@ def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_by
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, log_decay, initial_state)
     )
-    kind = DifferentiableStep if differentiable else STEPS[precision]
+    kind = DifferentiableStep if differentiable else ComputeDtypeStep
     for start, stop, chunks in pieces(N, C, segment_length(q, Dv, C, segment_bytes)):
         if save_starts:
             saved.append(state.view(B, H, Dk, Dv).clone())
@@ -179,10 +177,8 @@ def chunked_bwd(
 
 class ChunkedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes, precision="ieee"):
-        o, final, saved = chunked_fwd(
-            q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True, precision
-        )
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes):
+        o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
         ctx.args = (scale, chunk_size, segment_bytes)
         return o, final
@@ -200,12 +196,12 @@ class ChunkedFunction(torch.autograd.Function):
             grads = twice_differentiable_grads(
                 forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
             )
-            return *grads, None, None, None, None
+            return *grads, None, None, None
         dq, dk, dv, dg, ds0 = chunked_bwd(
             q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes,
             decay_grad=ctx.needs_input_grad[3],
         )
-        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None, None
+        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None
 
 
 class Chunked(Method):
@@ -213,7 +209,7 @@ class Chunked(Method):
     algorithm = "block-based / Lightning Attention-2: exact intra-chunk block + carried state"
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv + C^2)"
-    options = {"chunk_size": 64, "segment_bytes": 8 << 20, "precision": "ieee"}
+    options = {"chunk_size": 64, "segment_bytes": 8 << 20}
 
     def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
         c = min(chunk_size, max(x.seq_len, 1))
@@ -238,20 +234,12 @@ class Chunked(Method):
         tables = 3 * x.heads * c * c * 8  # building a chunk's decay tables: a few (H, C, C) fp64 temporaries
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head + tables)
 
-    def forward(
-        self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, precision="ieee", **options
-    ):
-        if precision not in STEPS:
-            raise ValueError(f"chunked: precision must be one of {sorted(STEPS)}, got {precision!r}")
-        if x.dtype != torch.bfloat16:
-            precision = "ieee"  # "fast" products are bf16 products (see leetdecoding.methods.chunk_steps)
+    def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **options):
         args = (x.scale, chunk_size, segment_bytes)
         if x.requires_grad:
-            o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args, precision)
+            o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args)
         else:  # nothing saved
-            o, state, _ = chunked_fwd(
-                x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, *args[1:], False, precision
-            )
+            o, state, _ = chunked_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, *args[1:], False)
         return o, (state if x.output_final_state else None)
 
 
