@@ -31,6 +31,7 @@ def path(request, monkeypatch):
     }[request.param]
     monkeypatch.setattr(recurrent, "CACHE_BLOCK_BYTES", whole)
     monkeypatch.setattr(recurrent, "PER_HEAD_BYTES", per_head)
+    monkeypatch.setattr(recurrent, "MAX_THREADS", 1 << 10)  # the paths at any thread count
     return request.param
 
 

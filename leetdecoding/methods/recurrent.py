@@ -25,6 +25,10 @@ CACHE_BLOCK_BYTES = 1 << 20
 # lambda as beta: a single read and write pass (B=16: 0.81 of a copy with blocks, 0.90 per head). Smaller, the
 # per-call cost of 2 calls per head exceeds the pass it saves (B=1: 0.32 of a copy).
 PER_HEAD_BYTES = 1 << 20
+# Both run only with at most this many torch threads: with 2 threads (this machine's default) their per-block
+# and per-head calls are too small to split between the threads, and the three whole-state passes, each split,
+# were faster: B=1 0.300 against 0.435 ms, B=16 6.96 against 8.24 ms (`python -m benchmarks.cpu_decode`).
+MAX_THREADS = 1
 
 
 def step_decay(log_decay: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,7 @@ def step(state, q_t, k_t, v_t, lam, out=None, lam_values=None):
     head_bytes = dk * dv * state.element_size()
     if (
         b * h * head_bytes <= CACHE_BLOCK_BYTES
+        or torch.get_num_threads() > MAX_THREADS
         or not state.is_cpu
         or not state.is_contiguous()  # a strided view of a larger cache: one pass at a time over the whole state
         or out is not None
