@@ -23,12 +23,10 @@ ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says me
 # Defaults. `leetdecoding tune` measures VANILLA_MAX_N and the chunk sizes on a machine and writes a table
 # (leetdecoding/tuning.py) whose values replace these for that device and dtype.
 #
-# Below this length the quadratic form is a single matmul and beats the chunked scan on CPU
-# (leetdecoding bench: vanilla vs chunked cross over between N = 128 and 256 at H = 8, D = 128).
-VANILLA_MAX_N = 128
-# ... for heads up to this dim; wider heads scale it by D / this (measured: at D=256, N=256, vanilla 1.4x faster
-# than chunked, chunked 4.9x faster at N=512; at D=64 and 128 the two tie at N=256).
-VANILLA_REFERENCE_DIM = 128
+# Up to this length the quadratic form is a single matmul and beats the chunked scan on CPU (H = 8, fp32 and
+# bf16, 2026-11-30: at N = 256 vanilla against chunked 1.0x at D = 64, 1.1x at D = 128, 1.4x at D = 256 faster;
+# at N = 512 chunked 3x to 8x faster at every D; `leetdecoding tune --dry-run` measured 256 too).
+VANILLA_MAX_N = 256
 # Chunk size of the chunked method: the intra-chunk quadratic work (N C (Dk + Dv)) against the per-chunk cost of
 # the state (a few small products and passes per chunk); measured with `python -m benchmarks.chunk_size` (H=8,
 # N=16384, fp32 and bf16, the CPU machine of 2026-11-30): at D=128 and 256, C=64 beat 32 and 128 by 5-30%; at
@@ -178,10 +176,6 @@ def priority(x: AttentionInputs) -> tuple[list[str], str]:
 def _torch_priority(x: AttentionInputs) -> tuple[list[str], str]:
     limit, source = setting("vanilla_max_n", x)
     source = "" if source == "default" else f" ({source})"
-    wide = max(x.dk, x.dv) / VANILLA_REFERENCE_DIM
-    if wide > 1:  # chunked's work per token grows with D, vanilla's does not: the crossover moves out with D
-        limit = int(limit * wide)
-        source += f" x D/{VANILLA_REFERENCE_DIM}"
     if x.seq_len <= limit:
         return (
             ["vanilla", "chunked", "recursion", "fleet", "recurrent"],

@@ -23,7 +23,7 @@ def test_auto_picks_by_length_and_says_why():
     assert short.method == "vanilla" and "one matmul" in short.reason
     assert long.method == "chunked" and long.options["chunk_size"] == dispatch.CHUNK_SIZE_SMALL_HEAD
     text = repr(long)
-    assert text.startswith("inputs: q (1, 2, 129, 16)") and "chosen: chunked" in text
+    assert text.startswith(f"inputs: q (1, 2, {dispatch.VANILLA_MAX_N + 1}, 16)") and "chosen: chunked" in text
     assert sorted(long.others) == sorted(n for n in RUNNABLE_ON_CPU if n != "chunked")
 
 
