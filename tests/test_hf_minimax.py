@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from transformers import MiniMaxConfig, MiniMaxForCausalLM  # noqa: E402
 from transformers.models.minimax.modeling_minimax import MiniMaxCache, MiniMaxLightningAttention  # noqa: E402
 
+from leetdecoding import dispatch  # noqa: E402
 from leetdecoding.integrations import hf_minimax  # noqa: E402
 from leetdecoding.integrations.hf_minimax import LeetMiniMaxCache  # noqa: E402
 
@@ -123,12 +124,13 @@ def test_greedy_and_beam_search_token_identical(model):
 
 
 def test_continuation_equals_one_forward(patched):
-    ids = tokens(2, 300)
+    n = dispatch.VANILLA_MAX_N + 2  # every call of more than one token goes to chunked
+    ids = tokens(2, 2 * n + 40)
     full = logits(patched, ids)
     with torch.no_grad():
-        out = patched(ids[:, :130], use_cache=True)
-        steps = [patched(ids[:, t : t + 1], cache=out.cache).logits for t in range(130, 133)]  # decode_step
-        rest = patched(ids[:, 133:], cache=out.cache).logits  # many tokens at once from the cache (chunked)
+        out = patched(ids[:, :n], use_cache=True)
+        steps = [patched(ids[:, t : t + 1], cache=out.cache).logits for t in range(n, n + 3)]  # decode_step
+        rest = patched(ids[:, n + 3 :], cache=out.cache).logits  # many tokens at once from the cache (chunked)
     got = torch.cat([out.logits, *steps, rest], dim=1)
     assert rel_err(got, full) <= 1e-5
     assert out.cache.linear_cache[1].dtype == torch.float32
