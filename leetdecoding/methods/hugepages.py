@@ -46,9 +46,11 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype)
     nbytes = out.numel() * out.element_size()
     madvise = _madvise() if nbytes >= MIN_BYTES else None
-    if madvise is not None:
-        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        stop = (out.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
-        if stop > start:
-            madvise(start, stop - start, MADV_HUGEPAGE)
+    if madvise is None or type(out) is not torch.Tensor:  # a fake or wrapped tensor under a tracing mode
+        return out
+    pointer = out.data_ptr()
+    start = -(-pointer // HUGE_PAGE) * HUGE_PAGE
+    stop = (pointer + nbytes) // HUGE_PAGE * HUGE_PAGE
+    if stop > start:
+        madvise(start, stop - start, MADV_HUGEPAGE)
     return out
