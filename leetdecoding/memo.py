@@ -41,7 +41,7 @@ def snapshot(t: torch.Tensor) -> tuple[Hashable, Callable[[], torch.Tensor]] | N
         return None
     values = tuple((t if t.ndim == 1 else t.reshape(-1)).tolist())  # exact: every dtype's values are Python's
     dtype, shape = t.dtype, t.shape
-    return (dtype, shape, values), lambda: torch.tensor(values, dtype=dtype).reshape(shape)
+    return (dtype, shape, values), lambda: torch.tensor(values, dtype=dtype, device="cpu").reshape(shape)
 
 
 def tracing() -> bool:

@@ -55,11 +55,11 @@ def reference(
     B, H, N, Dk = q.shape
     lam = torch.as_tensor(decay).detach().to("cpu", torch.float64).expand(H).reshape(1, H, 1, 1)
     if initial_state is None:
-        s = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float64)
+        s = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float64, device="cpu")
     else:
         s = initial_state.detach().to("cpu", torch.float64)
     s_abs = s.abs()
-    o = torch.empty(B, H, N, v.shape[-1], dtype=torch.float64)
+    o = torch.empty(B, H, N, v.shape[-1], dtype=torch.float64, device="cpu")
     o_abs = torch.empty_like(o)
     with _one_thread():
         for t in range(N):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_steps import _flat
+from .chunk_steps import Chunks
 
 
 class BackwardStep:
@@ -27,13 +27,12 @@ class BackwardStep:
         Dv = v.shape[-1]
         cd = dd.chunk.dtype
         self.r, self.scale, self.heads, self.decay_grad = r, scale, (B, H), decay_grad
-        self.inputs = [_flat(t) for t in (q, k, v, do)]
-        self.grads = [_flat(t) for t in grads]  # dq, dk, dv: contiguous, written chunk by chunk
+        self.inputs = [Chunks(t, r, cd) for t in (q, k, v, do)]
+        self.grads = [t.flatten(0, 1) for t in grads]  # dq, dk, dv: new and contiguous (views), written by chunk
         self.mask = dd.mask.view(H, r, r)
         self.q_decay, self.k_decay = dd.q.view(H, r, 1), dd.k.view(H, r, 1)
         self.chunk_decay = dd.chunk.view(H, 1, 1)
         new = lambda *shape: torch.empty(B * H, *shape, dtype=cd, device=q.device)  # noqa: E731
-        self.cast = [new(r, Dk), new(r, Dk), new(r, Dv), new(r, Dv)] if q.dtype != cd or do.dtype != cd else None
         self.dos = new(r, Dv) if scale != 1.0 else None
         self.scores, self.d_scores, self.qdo, self.kd = new(r, r), new(r, r), new(r, Dv), new(r, Dk)
         self.dq, self.dk, self.dv, self.vd = new(r, Dk), new(r, Dk), new(r, Dv), new(r, Dv)
@@ -47,9 +46,7 @@ class BackwardStep:
         """Of q, k, v, dO (`which` of them), the chunk at s as (B*H, r, D) in the compute dtype; dO scaled."""
         out = []
         for i in which:
-            t = self.inputs[i][:, s : s + self.r]
-            if self.cast is not None:
-                t = self.cast[i].copy_(t)
+            t = self.inputs[i](s)
             if i == 3 and self.dos is not None:
                 t = torch.mul(t, self.scale, out=self.dos)
             out.append(t)

@@ -19,9 +19,28 @@ from __future__ import annotations
 import torch
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) as (B*H, N, D): a view where B and H merge, else one copy."""
-    return t.flatten(0, 1)
+def merges(t: torch.Tensor) -> bool:
+    """Whether (B, H, N, D) views as (B*H, N, D) without a copy."""
+    return t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
+
+
+class Chunks:
+    """Chunks [s, s + r) of a (B, H, N, D) tensor as (B*H, r, D) in `dtype`: views where B and H merge and the
+    dtype matches; otherwise each chunk is copied into one reused buffer (never the whole tensor: a (B, N, H, D)
+    projection passed transposed would otherwise be copied in full)."""
+
+    def __init__(self, t: torch.Tensor, r: int, dtype: torch.dtype):
+        self.r, self.t = r, t
+        self.flat = t.flatten(0, 1) if merges(t) and t.dtype == dtype else None
+        self.buffer = None
+        if self.flat is None:
+            self.buffer = torch.empty(t.shape[0] * t.shape[1], r, t.shape[-1], dtype=dtype, device=t.device)
+
+    def __call__(self, s: int) -> torch.Tensor:
+        if self.flat is not None:
+            return self.flat[:, s : s + self.r]
+        self.buffer.view(*self.t.shape[:2], self.r, -1).copy_(self.t[:, :, s : s + self.r])
+        return self.buffer
 
 
 class ComputeDtypeStep:
@@ -32,20 +51,18 @@ class ComputeDtypeStep:
         Dv = v.shape[-1]
         cd = dd.chunk.dtype
         self.r, self.scale, self.heads = r, scale, (B, H)
-        self.q, self.k, self.v, self.o = (_flat(t) for t in (q, k, v, o))
+        self.inputs = [Chunks(t, r, cd) for t in (q, k, v)]
+        self.o = o.flatten(0, 1)  # a new contiguous output: a view
         self.mask = dd.mask.view(H, r, r)
         self.q_decay, self.k_decay = dd.q.view(H, r, 1), dd.k.view(H, r, 1)
         self.chunk_decay = dd.chunk.view(H, 1, 1)
         new = lambda d: torch.empty(B * H, r, d, dtype=cd, device=q.device)  # noqa: E731
         self.scores, self.qd, self.kd, self.out = new(r), new(Dk), new(Dk), new(Dv)
-        self.upcast = [new(Dk), new(Dk), new(Dv)] if q.dtype != cd else None
 
     def __call__(self, state: torch.Tensor, s: int) -> torch.Tensor:
         B, H = self.heads
         r = self.r
-        qc, kc, vc = (t[:, s : s + r] for t in (self.q, self.k, self.v))
-        if self.upcast is not None:
-            qc, kc, vc = (buf.copy_(t) for buf, t in zip(self.upcast, (qc, kc, vc)))
+        qc, kc, vc = (chunks(s) for chunks in self.inputs)
         torch.bmm(qc, kc.transpose(1, 2), out=self.scores)
         self.scores.view(B, H, r, r).mul_(self.mask)
         torch.mul(qc.unflatten(0, (B, H)), self.q_decay, out=self.qd.view(B, H, r, -1))
@@ -63,11 +80,15 @@ class DifferentiableStep(ComputeDtypeStep):
     """The same products out of place, so that autograd can differentiate the forward (a double backward
     recomputes it under autograd); slower, and it allocates per chunk."""
 
+    def __init__(self, q, k, v, o, dd, r: int, scale: float):
+        super().__init__(q, k, v, o, dd, r, scale)
+        self.sources = (q, k, v)
+
     def __call__(self, state: torch.Tensor, s: int) -> torch.Tensor:
         B, H = self.heads
         r = self.r
         cd = state.dtype
-        qc, kc, vc = (t[:, s : s + r].to(cd) for t in (self.q, self.k, self.v))
+        qc, kc, vc = (t[:, :, s : s + r].reshape(B * H, r, -1).to(cd) for t in self.sources)
         scores = (qc @ kc.transpose(1, 2)).unflatten(0, (B, H)) * self.mask
         qd = qc.unflatten(0, (B, H)) * self.q_decay
         out = (scores.flatten(0, 1) @ vc + qd.flatten(0, 1) @ state) * self.scale

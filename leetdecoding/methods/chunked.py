@@ -53,7 +53,7 @@ from .base import (
     with_margin,
 )
 from .chunk_backward import BackwardStep
-from .chunk_steps import ComputeDtypeStep, DifferentiableStep
+from .chunk_steps import ComputeDtypeStep, DifferentiableStep, merges
 
 
 def segment_length(q: torch.Tensor, dv: int, chunk_size: int, segment_bytes: int) -> int:
@@ -218,12 +218,12 @@ class Chunked(Method):
     def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **o) -> int:
         c = max(1, min(chunk_size, x.seq_len))
         # the forward's buffers (leetdecoding.methods.chunk_steps), for a chunk and, while the last partial chunk's
-        # are made, those too: scores, decayed q and k, output; compute-dtype copies of lower-precision q, k, v
+        # are made, those too: scores, decayed q and k, output; chunk copies of inputs that are not compute-dtype
+        # (B*H, N, D) views
         steps = 2 if x.seq_len % c and x.seq_len > c else 1
-        copies = 2 if x.dtype != x.compute_dtype else 1
-        per_head = steps * (c * c + c * (2 * x.dk + x.dv) * copies) + 2 * x.dk * x.dv  # + the state and a copy
-        if not all(_merges(t) for t in (x.q, x.k, x.v)):  # copied once as (B*H, N, D)
-            per_head += x.seq_len * (2 * x.dk + x.dv)
+        inputs = ((x.q, x.dk), (x.k, x.dk), (x.v, x.dv))
+        copied = sum(d for t, d in inputs if t.dtype != x.compute_dtype or not merges(t))
+        per_head = steps * (c * c + c * (2 * x.dk + x.dv) + c * copied) + 2 * x.dk * x.dv  # + the state and a copy
         if x.requires_grad:
             seg = min(segment_length(x.q, x.dv, c, segment_bytes), -(-x.seq_len // c) * c)
             # the segment-start states kept for the backward, and the backward's segment: scores and their
@@ -242,7 +242,3 @@ class Chunked(Method):
             o, state, _ = chunked_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, *args[1:], False)
         return o, (state if x.output_final_state else None)
 
-
-def _merges(t: torch.Tensor) -> bool:
-    """Whether (B, H, N, D) views as (B*H, N, D) without a copy."""
-    return t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)

@@ -43,7 +43,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     Only the pages that lie entirely inside the tensor's own bytes are advised; a refused request is ignored
     (the tensor is the same either way, only its first writes are slower)."""
-    out = torch.empty(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype, device="cpu")
     nbytes = out.numel() * out.element_size()
     madvise = _madvise() if nbytes >= MIN_BYTES else None
     if madvise is None or type(out) is not torch.Tensor:  # a fake or wrapped tensor under a tracing mode

@@ -78,15 +78,15 @@ def step(state, q_t, k_t, v_t, lam, out=None, lam_values=None):
         and b * head_bytes >= PER_HEAD_BYTES
         and all(x > 0.0 for x in lam_values)  # beta = 0 would drop an inf or NaN of the state, lam * S keeps it
     ):
-        o = torch.empty(h, b, 1, dv, dtype=state.dtype)
+        o = torch.empty(h, b, 1, dv, dtype=state.dtype, device=state.device)
         for i, beta in enumerate(lam_values):
             s = state[:, i]
             s.baddbmm_(k4[:, i], v4[:, i], beta=beta)
             torch.bmm(q4[:, i], s, out=o[i])  # the head's new state, still in the cache
         return o.view(h, b, dv).transpose(0, 1).contiguous(), state
-    new = out if out is not None else torch.empty(b, h, dk, dv, dtype=state.dtype)
+    new = out if out is not None else torch.empty(b, h, dk, dv, dtype=state.dtype, device=state.device)
     n = b * h
-    o = torch.empty(n, 1, dv, dtype=state.dtype)
+    o = torch.empty(n, 1, dv, dtype=state.dtype, device=state.device)
     operands = (  # (B*H, ...) views, split into blocks by one call each (slicing per block costs more)
         state.view(n, dk, dv),
         new.view(n, dk, dv),
