@@ -359,7 +359,7 @@ def test_package_imports_and_runs_without_triton():
         "import torch, leetdecoding as ld\n"
         "rows = {r['name']: r for r in ld.list_methods()}\n"
         "assert 'needs the triton package' in rows['triton_chunked']['unavailable_reason'], rows['triton_chunked']\n"
-        "q = torch.randn(1, 2, 200, 8)\n"
+        "q = torch.randn(1, 2, 300, 8)\n"
         "print(ld.explain(q, q, q).method, ld.attention(q, q, q).shape)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
