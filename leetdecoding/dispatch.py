@@ -29,8 +29,8 @@ ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says me
 VANILLA_MAX_N = 256
 # Chunk size of the chunked method: the intra-chunk quadratic work (N C (Dk + Dv)) against the per-chunk cost of
 # the state (a few small products and passes per chunk); measured with `python -m benchmarks.chunk_size` (H=8,
-# N=16384, fp32 and bf16, the CPU machine of 2026-11-30): at D=128 and 256, C=64 beat 32 and 128 by 5-30%; at
-# D=64, C=128 beat 64 by 10-25% (fewer chunks, each too small to hide the per-chunk overhead).
+# N=16384, fp32 and bf16, the CPU machine of 2026-11-30, two runs): at D=128, C=64 beat 32 and 128 by 6-30%; at
+# D=256, 64 and 128 tie; at D=64, C=128 beat 64 by 10-28% in three of four measurements (fp32 once 5% slower).
 CHUNK_SIZE = 64
 CHUNK_SIZE_SMALL_HEAD = 128
 SMALL_HEAD_DIM = 64
