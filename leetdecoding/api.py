@@ -109,11 +109,11 @@ def decode_step(
 
         if not triton_methods.decode_step_reasons(q, k, v, state):
             return triton_methods.decode_step(q, k, v, state, d.log_decay, d.scale, out_state)
-    lam, lam_values = d.derived  # from the validation's one read of the decay
+    (lam,) = d.derived  # from the validation's one read of the decay
     dtype = q.dtype
     if dtype != cd:
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
-    o, new = step(state, q, k, v, lam, out_state, lam_values)
+    o, new = step(state, q, k, v, lam, out_state)
     if d.scale != 1.0:
         o = o * d.scale
     return o.to(dtype), new

@@ -82,16 +82,15 @@ def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtyp
     through `.data`, a numpy view, under torch.compile, from another thread). The result may be shared between
     calls with the same values: read it, never modify it in place.
 
-    With `derive`, returns (log lambda, *derive(log lambda, remembered)) from one read of the decay's values, both
-    remembered together (a decode step needs its factors every token: one read per call, not one per table).
-    `remembered` says whether the result is kept by value: only then may `derive` read values on the host (its
-    argument is then a private tensor of the key's values); otherwise it must compute on the device without a
-    sync (a GPU, a decay that requires grad, while tracing). Pass a module-level function: it is part of the key.
+    With `derive`, returns (log lambda, *derive(log lambda)) from one read of the decay's values, both remembered
+    together (a decode step needs its factors every token: one read per call, not one per table). `derive` must
+    compute on log lambda's device without reading values on the host. Pass a module-level function: it is part of
+    the key.
     """
 
-    def canonical(decay, log_decay, remembered=False):
+    def canonical(decay, log_decay):
         log = _canonical(decay, log_decay, heads, device, dtype)
-        return log if derive is None else (log, *derive(log, remembered))  # flat: the memo checks each version
+        return log if derive is None else (log, *derive(log))  # flat: the memo checks each version
 
     raw = decay if decay is not None else log_decay
     if decay is not None and log_decay is not None or raw is None or tracing():
@@ -99,18 +98,16 @@ def canonical_log_decay(decay, log_decay, heads: int, device: torch.device, dtyp
     is_decay = decay is not None
     key = (is_decay, heads, device, dtype) + ((derive,) if derive is not None else ())
 
-    def check(t, remembered=None):
-        if remembered is None:  # from the value memo: a private copy of the key's values, or `raw` itself if not
-            remembered = t is not raw
-        return canonical(t, None, remembered) if is_decay else canonical(None, t, remembered)
+    def check(t):
+        return canonical(t, None) if is_decay else canonical(None, t)
 
     if type(raw) in (float, int):  # a python number is its own value key
-        return _VALIDATED.get(("number", raw, key), lambda: check(raw, True))
+        return _VALIDATED.get(("number", raw, key), lambda: check(raw))
     if not isinstance(raw, torch.Tensor):
-        return check(raw, False)  # a numpy scalar, not remembered; anything else raises the TypeError
+        return check(raw)  # a numpy scalar, not remembered; anything else raises the TypeError
     if derive is not None and not (raw.device.type in ("cpu", "meta") or raw.requires_grad):
-        log = _from_tensor(raw, key[:-1], _log if is_decay else _same, lambda t: check(t, False)[0])
-        return (log, *derive(log, False))  # a GPU tensor: checked once per version, converted on the device per call
+        log = _from_tensor(raw, key[:-1], _log if is_decay else _same, lambda t: check(t)[0])
+        return (log, *derive(log))  # a GPU tensor: checked once per version, converted on the device per call
     return _from_tensor(raw, key, _log if is_decay else _same, check)
 
 

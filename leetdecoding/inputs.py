@@ -290,7 +290,7 @@ class DecodeInputs:
     log_decay: torch.Tensor  # (H,) in compute_dtype
     scale: float
     compute_dtype: torch.dtype
-    derived: tuple = ()  # derive(log_decay, remembered) of validate_decode, from the same read of the decay
+    derived: tuple = ()  # derive(log_decay) of validate_decode, from the same read of the decay
 
 
 def validate_decode(q, k, v, state, decay, log_decay, scale, out_state, derive=None) -> DecodeInputs:

@@ -16,18 +16,16 @@ from .base import Method, decay_factor, elem_bytes, output_buffer, with_margin
 
 _FACTORS = ValueMemo()
 
-# CPU blocking of the state update (measured on this project's machine, 2 MiB of L2 per core, 2026-11-30):
-# the three passes of a step (decay, rank-1 update, output product) run on one block of the state at a time, so
-# that the second and third find it in the cache; B=1, H=64, D=128 fp32 went from 0.60 to 0.70 of a copy's
-# bandwidth (1 thread). Below it a whole state is one block (a call per block costs more than it saves).
+# CPU blocking of the decode step (2 MiB of L2 per core on this project's machine): the three passes of a step
+# (decay, rank-1 update, output product) run on one block of the state at a time, so that the second and third
+# find it in the cache. H=64, D=128, fp32, 1 torch thread, per token, interleaved (2026-11-30): B=4 2.94 -> 2.62
+# ms, B=16 12.4 -> 9.2 ms and 9.9 -> 7.8 ms in two runs; B=1 (a 4 MiB state) 0.89 ms either way. Below this size a
+# whole state is one block. (A per-head BLAS update with lambda as beta, one pass, was tried: 6-8% slower than
+# these blocks at B=16.)
 CACHE_BLOCK_BYTES = 1 << 20
-# A head's block (all batch rows) of at least this size is updated by one BLAS rank-1 update with the head's
-# lambda as beta: a single read and write pass (B=16: 0.81 of a copy with blocks, 0.90 per head). Smaller, the
-# per-call cost of 2 calls per head exceeds the pass it saves (B=1: 0.32 of a copy).
-PER_HEAD_BYTES = 1 << 20
-# Both run only with at most this many torch threads: with 2 threads (this machine's default) their per-block
-# and per-head calls are too small to split between the threads, and the three whole-state passes, each split,
-# were faster: B=1 0.300 against 0.435 ms, B=16 6.96 against 8.24 ms (`python -m benchmarks.cpu_decode`).
+# Blocks only with at most this many torch threads: with 2 threads (this machine's default) the blocks are too
+# small to split between the threads, and the three whole-state passes, each split, were faster: B=1 0.300
+# against 0.435 ms, B=16 6.96 against 8.24 ms (`python -m benchmarks.cpu_decode`).
 MAX_THREADS = 1
 
 
@@ -37,20 +35,18 @@ def step_decay(log_decay: torch.Tensor) -> torch.Tensor:
     return _FACTORS.derive(log_decay, (), lambda ld: decay_factor(ld).view(1, -1, 1, 1))
 
 
-def step_factors(log_decay: torch.Tensor, remembered: bool) -> tuple:
-    """(lambda (1, H, 1, 1), lambda as Python floats or None) for `step`: the `derive` of a decode step's
-    validation (leetdecoding.decay.canonical_log_decay), so that the decay's values are read once per call. The
-    floats are read only from a remembered CPU table (never while tracing, never a host sync per call)."""
-    lam = decay_factor(log_decay).view(1, -1, 1, 1)
-    return lam, (tuple(lam.flatten().tolist()) if remembered and lam.is_cpu else None)
+def step_factors(log_decay: torch.Tensor) -> tuple[torch.Tensor]:
+    """(lambda (1, H, 1, 1),) for `step`: the `derive` of a decode step's validation
+    (leetdecoding.decay.canonical_log_decay), so that the decay's values are read once per call."""
+    return (decay_factor(log_decay).view(1, -1, 1, 1),)
 
 
-def step(state, q_t, k_t, v_t, lam, out=None, lam_values=None):
+def step(state, q_t, k_t, v_t, lam, out=None):
     """One token: returns (o_t, new_state), o_t = q_t (lam S + k_t^T v_t) in the state dtype, unscaled.
 
-    q_t, k_t (B, H, Dk), v_t (B, H, Dv) in the state dtype; lam (1, H, 1, 1), and optionally its values as
-    Python floats (`step_factors`), which let a large CPU state be updated head by head in one pass. With `out`
-    (which may be `state` itself) the new state is written there; otherwise a new tensor is returned.
+    q_t, k_t (B, H, Dk), v_t (B, H, Dv) in the state dtype; lam (1, H, 1, 1). With `out` (which may be `state`
+    itself) the new state is written there; otherwise a new tensor is returned. A large contiguous CPU state is
+    updated block by block (see CACHE_BLOCK_BYTES).
     """
     b, h, dk, dv = state.shape
     head_bytes = dk * dv * state.element_size()
@@ -71,19 +67,6 @@ def step(state, q_t, k_t, v_t, lam, out=None, lam_values=None):
             new = torch.mul(state, lam, out=out).addcmul_(k_t.unsqueeze(-1), v_t.unsqueeze(-2))
         o = torch.bmm(q_t.reshape(b * h, 1, dk), new.reshape(b * h, dk, dv))  # bmm: fewer dispatch layers than @
         return o.view(b, h, dv), new
-    k4, v4, q4 = k_t.unsqueeze(-1), v_t.unsqueeze(-2), q_t.unsqueeze(-2)
-    if (
-        out is state
-        and lam_values is not None
-        and b * head_bytes >= PER_HEAD_BYTES
-        and all(x > 0.0 for x in lam_values)  # beta = 0 would drop an inf or NaN of the state, lam * S keeps it
-    ):
-        o = torch.empty(h, b, 1, dv, dtype=state.dtype, device=state.device)
-        for i, beta in enumerate(lam_values):
-            s = state[:, i]
-            s.baddbmm_(k4[:, i], v4[:, i], beta=beta)
-            torch.bmm(q4[:, i], s, out=o[i])  # the head's new state, still in the cache
-        return o.view(h, b, dv).transpose(0, 1).contiguous(), state
     new = out if out is not None else torch.empty(b, h, dk, dv, dtype=state.dtype, device=state.device)
     n = b * h
     o = torch.empty(n, 1, dv, dtype=state.dtype, device=state.device)
