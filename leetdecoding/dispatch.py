@@ -44,12 +44,10 @@ SMALL_HEAD_DIM = 64
 SUBNORMAL_BAND = 2.0**8
 SUBNORMAL_MAX_POWERS = 1
 SUBNORMAL_MIN_CHUNK = 16
-# Working memory per segment of the chunked method (many chunks per batched matmul). 4 to 16 MiB measured
-# best: small enough to stay in cache-friendly sizes, large enough to amortise Python overhead; 64 MiB was slower.
+# With gradients, chunked's forward keeps one state per segment of chunks, and its backward recomputes the
+# chunk-start states of one segment into a buffer of this size (16 chunks of 64 at B=1, H=8, D=128 fp32):
+# larger keeps fewer states and recomputes into a larger buffer. Without gradients it changes nothing.
 SEGMENT_BYTES = 8 << 20
-# With gradients the forward keeps one state per segment for the backward: larger segments keep fewer
-# (N / segment states instead of N / chunk), for a few percent of speed.
-GRAD_SEGMENT_BYTES = 32 << 20
 # The Triton kernels (leetdecoding/methods/triton): on CUDA they come first, in this order. triton_chunked's
 # chunk and the accuracy of its dots with an fp32 operand ("accurate": about fp32, within the contract's
 # tolerance; "ieee" is exact and slower; "fast" rounds that operand to the input dtype as fla does).
@@ -137,8 +135,7 @@ def options_for(method: Method, x: AttentionInputs) -> dict:
     if method.name == "chunked":
         small = max(x.dk, x.dv) <= SMALL_HEAD_DIM
         chunk = chunk_size_for(x, setting("chunk_size_small" if small else "chunk_size_large", x)[0])
-        segment = GRAD_SEGMENT_BYTES if x.requires_grad else SEGMENT_BYTES
-        return {"chunk_size": chunk, "segment_bytes": segment}
+        return {"chunk_size": chunk, "segment_bytes": SEGMENT_BYTES}
     if method.name == "fleet":
         return {"budget_bytes": FLEET_BUDGET_BYTES}
     if method.name == "triton_chunked":

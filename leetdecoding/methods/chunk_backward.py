@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_steps import Chunks
+from .chunk_steps import Chunks, ChunkStep
 
 
-class BackwardStep:
+class BackwardStep(ChunkStep):
     def __init__(self, q, k, v, do, grads, dd, r: int, scale: float, decay_grad: bool):
+        super().__init__(q.shape[:2], dd, r, scale)
         B, H, _, Dk = q.shape
         Dv = v.shape[-1]
         cd = dd.chunk.dtype
-        self.r, self.scale, self.heads, self.decay_grad = r, scale, (B, H), decay_grad
+        self.decay_grad = decay_grad
         self.inputs = [Chunks(t, r, cd) for t in (q, k, v, do)]
         self.grads = [t.flatten(0, 1) for t in grads]  # dq, dk, dv: new and contiguous (views), written by chunk
-        self.mask = dd.mask.view(H, r, r)
-        self.q_decay, self.k_decay = dd.q.view(H, r, 1), dd.k.view(H, r, 1)
-        self.chunk_decay = dd.chunk.view(H, 1, 1)
         new = lambda *shape: torch.empty(B * H, *shape, dtype=cd, device=q.device)  # noqa: E731
         self.dos = new(r, Dv) if scale != 1.0 else None
         self.scores, self.d_scores, self.qdo, self.kd = new(r, r), new(r, r), new(r, Dv), new(r, Dk)

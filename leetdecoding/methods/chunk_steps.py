@@ -43,20 +43,26 @@ class Chunks:
         return self.buffer
 
 
-class ComputeDtypeStep:
-    """Products in the compute dtype (the decays' dtype), updating the state in place."""
+class ChunkStep:
+    """What every step over chunks of r tokens shares (forward and backward): the decay tables shaped per head."""
 
-    def __init__(self, q, k, v, o, dd, r: int, scale: float):
-        B, H, _, Dk = q.shape
-        Dv = v.shape[-1]
-        cd = dd.chunk.dtype
-        self.r, self.scale, self.heads = r, scale, (B, H)
-        self.inputs = [Chunks(t, r, cd) for t in (q, k, v)]
-        self.o = o.flatten(0, 1)  # a new contiguous output: a view
+    def __init__(self, heads: tuple[int, int], dd, r: int, scale: float):
+        H = heads[1]
+        self.r, self.scale, self.heads = r, scale, heads
         self.mask = dd.mask.view(H, r, r)
         self.q_decay, self.k_decay = dd.q.view(H, r, 1), dd.k.view(H, r, 1)
         self.chunk_decay = dd.chunk.view(H, 1, 1)
-        new = lambda d: torch.empty(B * H, r, d, dtype=cd, device=q.device)  # noqa: E731
+
+
+class ComputeDtypeStep(ChunkStep):
+    """Products in the compute dtype (the decays' dtype), updating the state in place."""
+
+    def __init__(self, q, k, v, o, dd, r: int, scale: float):
+        super().__init__(q.shape[:2], dd, r, scale)
+        BH, Dk, Dv, cd = q.shape[0] * q.shape[1], q.shape[-1], v.shape[-1], dd.chunk.dtype
+        self.o = o.flatten(0, 1)  # a new contiguous output: a view
+        self.inputs = [Chunks(t, r, cd) for t in (q, k, v)]
+        new = lambda d: torch.empty(BH, r, d, dtype=cd, device=q.device)  # noqa: E731
         self.scores, self.qd, self.kd, self.out = new(r), new(Dk), new(Dk), new(Dv)
 
     def __call__(self, state: torch.Tensor, s: int) -> torch.Tensor:
@@ -76,12 +82,13 @@ class ComputeDtypeStep:
         return state.baddbmm_(self.kd.transpose(1, 2), vc)
 
 
-class DifferentiableStep(ComputeDtypeStep):
-    """The same products out of place, so that autograd can differentiate the forward (a double backward
-    recomputes it under autograd); slower, and it allocates per chunk."""
+class DifferentiableStep(ChunkStep):
+    """The products of ComputeDtypeStep out of place, so that autograd can differentiate the forward (a double
+    backward recomputes it under autograd); slower, and it allocates per chunk."""
 
     def __init__(self, q, k, v, o, dd, r: int, scale: float):
-        super().__init__(q, k, v, o, dd, r, scale)
+        super().__init__(q.shape[:2], dd, r, scale)
+        self.o = o.flatten(0, 1)
         self.sources = (q, k, v)
 
     def __call__(self, state: torch.Tensor, s: int) -> torch.Tensor:

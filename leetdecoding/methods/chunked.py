@@ -6,11 +6,11 @@ decay mask; across chunks a carried state S (Dk x Dv) brings in everything befor
     o_t = (q_t k_s^T * lambda^(t-s))_{s in chunk, s<=t} v_s  +  lambda^(t+1) q_t S_chunk_start
     S_next = lambda^C S_chunk_start + sum_s lambda^(C-1-s) k_s^T v_s
 
-Chunks are processed a segment at a time (many chunks per batched matmul), so that Python overhead stays
-small and working memory is bounded by the segment, not by N.
+Chunks are processed one at a time, each product batched over every batch row and head
+(leetdecoding.methods.chunk_steps, chunk_backward): working memory is a few chunk-sized buffers, not O(N).
 
-Gradients (a custom backward: the forward keeps only the state at the start of each segment, and the backward
-recomputes the chunk-start states of one segment at a time):
+Gradients (a custom backward: the forward keeps only the state at the start of each segment of chunks, and the
+backward recomputes the chunk-start states of one segment at a time, then walks its chunks in reverse):
 with dO = scale * do and D the gradient of the state at a chunk's end (dS_N at the end of the sequence),
 
     dq = ((dO v^T) * M) k + (dO * lambda^(t+1)) S_chunk_start^T
@@ -57,12 +57,12 @@ from .chunk_steps import ComputeDtypeStep, DifferentiableStep, merges
 
 
 def segment_length(q: torch.Tensor, dv: int, chunk_size: int, segment_bytes: int) -> int:
-    """Tokens per segment: a multiple of the chunk size whose working set fits in `segment_bytes`."""
+    """Tokens per segment: a multiple of the chunk size such that the chunk-start states of a segment, which the
+    backward recomputes into one buffer, fit in `segment_bytes` (at least one chunk). The forward with gradients
+    keeps one state per segment."""
     batch, heads, _, dk = q.shape
-    per_head = 2 * chunk_size + 2 * dk + 2 * dv + 2 * dk * dv / chunk_size
-    per_token = torch.finfo(compute_dtype_for(q.dtype)).bits // 8 * batch * heads * per_head
-    chunks = max(1, int(segment_bytes // max(per_token * chunk_size, 1)))
-    return chunk_size * chunks
+    state_bytes = torch.finfo(compute_dtype_for(q.dtype)).bits // 8 * batch * heads * dk * dv
+    return chunk_size * max(1, segment_bytes // max(state_bytes, 1))
 
 
 class Decays(NamedTuple):
@@ -226,11 +226,12 @@ class Chunked(Method):
         per_head = steps * (c * c + c * (2 * x.dk + x.dv) + c * copied) + 2 * x.dk * x.dv  # + the state and a copy
         if x.requires_grad:
             seg = min(segment_length(x.q, x.dv, c, segment_bytes), -(-x.seq_len // c) * c)
-            # the segment-start states kept for the backward, and the backward's segment: scores and their
-            # masked copy, decayed q and k, outputs, compute-dtype copies; per chunk its contribution and states
-            per_head += -(-x.seq_len // max(seg, 1)) * x.dk * x.dv  # (no segment at N = 0)
-            per_token = 2 * c + 2 * x.dk + 3 * x.dv + (2 * x.dk + x.dv if x.dtype != x.compute_dtype else 0)
-            per_head += seg * per_token + (2 * (seg // c) + 2) * x.dk * x.dv
+            per_head += -(-x.seq_len // max(seg, 1)) * x.dk * x.dv  # the states kept for the backward (none at N = 0)
+            # the backward (leetdecoding.methods.chunk_backward): a segment's recomputed chunk-start states, D and
+            # D'; per chunk step: scores, their gradient and the decay's pair terms, ten chunk-sized buffers for
+            # decayed inputs, products and gradients, chunk copies of q, k, v and dO
+            per_head += (seg // c + 2) * x.dk * x.dv
+            per_head += steps * (3 * c * c + c * (6 * x.dk + 4 * x.dv) + c * (copied + x.dv))
         tables = 3 * x.heads * c * c * 8  # building a chunk's decay tables: a few (H, C, C) fp64 temporaries
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head + tables)
 
