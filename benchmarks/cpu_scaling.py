@@ -13,7 +13,6 @@ Every output is checked against the fp64 reference at the shortest length first.
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
@@ -106,8 +105,6 @@ def threads(n: int, heads: int, dim: int, rounds: int) -> None:
     one, all_ = (s.median for s in stats.values())
     print(f"N={n}: 1 thread {one * 1e3:.1f} ms, {every} threads {all_ * 1e3:.1f} ms: {one / all_:.2f}x "
           f"({one / all_ / every:.0%} of linear)")
-    if not math.isfinite(one):
-        raise SystemExit("no time measured")
 
 
 if __name__ == "__main__":
