@@ -58,12 +58,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def three_pass(q, k, v, state, lam, scale):
     """decode_step's CPU step before blocking (the baseline): decay, rank-1 update and output product each a
     pass over the whole state."""
-    cd = state.dtype
+    cd, dtype = state.dtype, q.dtype
     q, k, v = q.to(cd), k.to(cd), v.to(cd)
     new = torch.mul(state, lam, out=state).addcmul_(k.unsqueeze(-1), v.unsqueeze(-2))
     b, h, dk, dv = state.shape
     o = torch.bmm(q.reshape(b * h, 1, dk), new.reshape(b * h, dk, dv)).view(b, h, dv)
-    return (o * scale).to(q.dtype), new
+    return (o * scale).to(dtype), new
 
 
 def measure(b: int, h: int, d: int, rounds: int, dtype: torch.dtype) -> dict:
