@@ -23,9 +23,9 @@ ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says me
 # Defaults. `leetdecoding tune` measures VANILLA_MAX_N and the chunk sizes on a machine and writes a table
 # (leetdecoding/tuning.py) whose values replace these for that device and dtype.
 #
-# Up to this length the quadratic form is a single matmul and beats the chunked scan on CPU (H = 8, fp32 and
-# bf16, 2026-11-30: at N = 256 vanilla against chunked 1.0x at D = 64, 1.1x at D = 128, 1.4x at D = 256 faster;
-# at N = 512 chunked 3x to 8x faster at every D; `leetdecoding tune --dry-run` measured 256 too).
+# Up to this length the quadratic form is a single matmul and beats the chunked scan on CPU (H = 8, D = 128, fp32,
+# 2026-11-30: `leetdecoding tune --dry-run` at N = 256 vanilla 1.51 ms, chunked 1.72 ms, at N = 512 22.4 against
+# 3.1 ms; `leetdecoding bench` at N = 256: 1.28 against 1.36 ms).
 VANILLA_MAX_N = 256
 # Chunk size of the chunked method: the intra-chunk quadratic work (N C (Dk + Dv)) against the per-chunk cost of
 # the state (a few small products and passes per chunk); measured with `python -m benchmarks.chunk_size` (H=8,

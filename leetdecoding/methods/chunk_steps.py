@@ -11,7 +11,7 @@ precision inputs are copied chunk by chunk into compute-dtype buffers.
 bf16 products were measured and are not used: a bf16 matmul on CPU rounds its result to bf16 (PyTorch's CPU
 backend has no fp32-output bf16 matmul), so the scores and their decayed copy carry one bf16 rounding each beyond
 the output's own: 2.9e-3 to 4.1e-3 against the contract's 4e-3 bf16 tolerance at N = 65536 with MiniMax decays,
-for about 1.3x the speed of fp32 products on a CPU with AMX (2026-11-30).
+for about 1.3x the speed of fp32 products on a CPU with AMX (a prototype, 2026-11-30).
 """
 
 from __future__ import annotations
