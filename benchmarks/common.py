@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import leetdecoding as ld
-from leetdecoding.bench.machine import device_name, matmul_gflops
+from leetdecoding.bench.machine import matmul_gflops
 from leetdecoding.bench.timing import interleaved  # noqa: F401 - the benchmarks import it from here
+from leetdecoding.device import device_name
 
 
 def header(title: str, device: str = "cpu") -> float:

@@ -29,9 +29,10 @@ def main(n=16384):
     q, k, v = (torch.randn(1, 8, n, 128) for _ in range(3))
     x = ld.inputs.validate(q, k, v, 0.99)
     chunked = REGISTRY["chunked"]
-    o, state = chunked.forward(x)
-    with_check = median_ms(lambda: segments.forward(chunked, x, {}))
-    without = median_ms(lambda: chunked.forward(x))
+    options = ld.dispatch.options_for(chunked, x)
+    o, state = chunked.forward(x, **options)
+    with_check = median_ms(lambda: segments.forward(chunked, x, options))
+    without = median_ms(lambda: chunked.forward(x, **options))
     check_only = median_ms(lambda: segments._suspect(x, o, state))
     print(f"N={n}: chunked with check {with_check[0]:.1f} ms (sd {with_check[1]:.1f}), "
           f"without {without[0]:.1f} ms (sd {without[1]:.1f}); the check alone {check_only[0]:.2f} ms")

@@ -31,7 +31,7 @@ def check(q, k, v, lam: float) -> None:
     ref = reference(q.double(), k.double(), v.double(), torch.full((q.shape[1],), lam, dtype=torch.float64))
     x = validate(q, k, v, lam)
     for c in CHUNKS:
-        o = CHUNKED.forward(x, chunk_size=c)[0]
+        o = CHUNKED.forward(x, chunk_size=c, span_bytes=dispatch.SPAN_BYTES)[0]
         err = ((o.double() - ref.o).abs() / (TOLERANCE[torch.float32] * ref.o_abs + 1e-30)).max().item()
         assert err <= 1.0, f"decay {lam}, chunk {c}: error {err:.3g} x the fp32 tolerance"
 
@@ -46,7 +46,7 @@ def main(rounds: int = 5) -> None:
     for _ in range(rounds + 1):  # the first round warms up
         for (lam, c), ts in times.items():
             t0 = time.perf_counter()
-            CHUNKED.forward(inputs[lam], chunk_size=c)
+            CHUNKED.forward(inputs[lam], chunk_size=c, span_bytes=dispatch.SPAN_BYTES)
             ts.append(time.perf_counter() - t0)
     base = statistics.median(times[(0.9, 128)][1:])
     print(f"chunked forward, N=4096, D=128: time / time at decay 0.9, chunk 128 ({base * 1e3:.1f} ms); "

@@ -7,8 +7,8 @@
 """
 
 from . import decay
-from .api import attention, decode_step, explain, list_methods
-from .dispatch import MethodRefusedError
+from .api import attention, decode_step, explain, explain_decode, list_methods
+from .dispatch import MethodRefusedError, record_choices
 from .original import causal_linear_decoder
 
 __version__ = "0.1.0"
@@ -17,6 +17,8 @@ __all__ = [
     "attention",
     "decode_step",
     "explain",
+    "explain_decode",
+    "record_choices",
     "list_methods",
     "causal_linear_decoder",
     "decay",

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
+from collections.abc import Sequence
+
 import torch
 
 from . import dispatch, segments
 from .amp import without_autocast
-from .inputs import AttentionInputs, validate, validate_decode
+from .explanation import Explanation
+from .inputs import AttentionInputs, DecodeInputs, validate, validate_decode
 from .methods import REGISTRY
-from .methods.base import decay_factor, finish, head_log_decay, state_contribution
-from .methods.recurrent import step, step_factors
+from .methods.base import finish
+from .methods.decay_math import decay_factor, head_log_decay, state_contribution
+from .methods.decode import DECODE_REGISTRY
+from .methods.recurrent import step_factors
+
+# More than one result of `attention` comes as a named tuple in the documented order; one type per set of fields,
+# so that `o, state = attention(..., output_final_state=True)` unpacks as a plain tuple does.
+_RESULT_FIELDS = (("output", "final_state"), ("output", "checkpoints"), ("output", "final_state", "checkpoints"))
+_RESULTS = {fields: namedtuple("AttentionResult", fields) for fields in _RESULT_FIELDS}
+
+
+def _results(o: torch.Tensor, state: torch.Tensor | None, checkpoints: torch.Tensor | None):
+    """o alone, or the named tuple of o and the extras asked for."""
+    named = {"output": o, "final_state": state, "checkpoints": checkpoints}
+    fields = tuple(f for f, value in named.items() if value is not None)
+    return o if len(fields) == 1 else _RESULTS[fields](*(named[f] for f in fields))
 
 
 def _empty_sequence(x: AttentionInputs):
@@ -31,39 +49,52 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    decay=None,
+    decay: float | torch.Tensor | None = None,
     *,
-    log_decay=None,
+    log_decay: float | torch.Tensor | None = None,
     scale: float = 1.0,
-    method: str = "auto",
+    method: str | Sequence[str] = "auto",
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    state_checkpoints=None,
+    state_checkpoints: Sequence[int] | torch.Tensor | None = None,
 ):
     """Exponentially decaying causal linear attention.
 
-    o_t = scale * q_t S_t with S_t = lambda_h S_{t-1} + k_t^T v_t and S_{-1} = initial_state (zeros if None).
+    o_t = scale * q_t S_t with S_t = lambda_h S_{t-1} + k_t^T v_t and S_{-1} = initial_state (zeros if None)
+    (the recurrence of the LeetDecoding paper, arXiv 2501.02573, eq. 1, with a decay lambda_h per head).
 
-    q, k: (B, H, N, Dk); v: (B, H, N, Dv); strided views are fine. `decay` is lambda in (0, 1] (a float or an
-    (H,) tensor), or pass `log_decay` = log lambda <= 0 (see `leetdecoding.decay` for named conventions);
-    neither means lambda = 1. `method` is "auto" or a name from `list_methods()`.
+    Args:
+        q, k: (B, H, N, Dk); v: (B, H, N, Dv); fp64, fp32, fp16 or bf16, one dtype and device; strided views are
+            fine.
+        decay: lambda in (0, 1], a float or an (H,) tensor; or pass `log_decay` = log lambda <= 0 (see
+            `leetdecoding.decay` for named conventions). Neither means lambda = 1.
+        scale: multiplies every output (a finite float).
+        method: "auto", a name from `list_methods()`, or a list of names (auto's first choice among them).
+        initial_state: (B, H, Dk, Dv) (or (S, H, Dk, Dv) with `cu_seqlens`) in the state dtype: fp32, fp64 for
+            fp64 inputs. Another dtype is a TypeError, never cast.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: packed variable-length batches as in flash-attn's varlen API: q, k, v of shape
+            (1, H, T_total, D) and (S + 1,) int32/int64 offsets; each sequence is independent.
+        state_checkpoints: increasing positions p; the state after the first p tokens is returned for each
+            (positions in the packed stream with `cu_seqlens`, each belonging to the sequence of token p - 1).
+            Resuming from a checkpoint with `initial_state` and running the rest equals the full call.
 
-    Packed variable-length batches: q, k, v of shape (1, H, T_total, D) and `cu_seqlens` (S + 1,) int32/int64
-    offsets as in flash-attn's varlen API; each sequence is independent, `initial_state` and the final state are
-    (S, H, Dk, Dv).
+    Returns:
+        o (B, H, N, Dv) in the input dtype when nothing else is asked for. Otherwise a named tuple
+        `AttentionResult` in this order: `output`; `final_state` (B, H, Dk, Dv) (S, H, Dk, Dv with `cu_seqlens`)
+        in the state dtype, if `output_final_state`; `checkpoints` (K, B, H, Dk, Dv) (K, H, Dk, Dv with
+        `cu_seqlens`), if `state_checkpoints` is given. It unpacks as a tuple: `o, state = attention(...)`.
 
-    `state_checkpoints`: increasing positions p; the state after the first p tokens is returned for each
-    (positions in the packed stream with `cu_seqlens`, each belonging to the sequence of token p - 1).
-    Resuming from a checkpoint with `initial_state` and running the rest equals the full call.
-
-    `initial_state` must be in the state dtype, fp32 (fp64 for fp64 inputs): another dtype is a TypeError, never
-    cast. Returns o (B, H, N, Dv) in the input dtype; then the final state (B, H, Dk, Dv) in fp32 (fp64 for fp64
-    inputs) if `output_final_state`; then the checkpoints (K, B, H, Dk, Dv), or (K, H, Dk, Dv) with
-    `cu_seqlens`, if `state_checkpoints` is given. More than one result comes as a tuple in that order.
+    Raises:
+        TypeError: an argument of the wrong type or dtype (the message names it, the expected and the given).
+        ValueError: a wrong shape, a decay outside (0, 1] (log_decay > 0), non-increasing offsets or
+            checkpoints, a non-finite scale.
+        MethodRefusedError (a ValueError): the method asked for (or every method, for "auto") cannot run these
+            inputs; the message lists each method's reasons (see `explain`).
 
     Inside `torch.autocast` the call computes exactly as outside it, in the dtype of the inputs it is given
-    (see `leetdecoding.amp`).
+    (see `leetdecoding.amp`). `record_choices()` tells which method ran.
     """
     x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints)
     choice = dispatch.choose(x, method)
@@ -71,12 +102,18 @@ def attention(
     if x.seq_len == 0:
         o, state = _empty_sequence(x)
         if x.checkpoints is not None:
-            shape = state.shape[int(x.cu_seqlens is not None) :]
+            shape = state.shape[int(x.offsets is not None) :]
             checkpoints = torch.zeros(0, *shape, dtype=state.dtype, device=state.device)
     else:
         o, state, checkpoints = segments.run(choice.method, x, choice.options)
-    results = (o,) + ((state,) if output_final_state else ()) + ((checkpoints,) if checkpoints is not None else ())
-    return results if len(results) > 1 else o
+    return _results(o, state if output_final_state else None, checkpoints)
+
+
+def _decode_inputs(q, k, v, state, decay, log_decay, scale, out_state) -> DecodeInputs:
+    d = validate_decode(q, k, v, state, decay, log_decay, scale, out_state, step_factors)
+    if out_state is not None and d.requires_grad:
+        raise ValueError("out_state writes in place and cannot be used while an input requires grad; drop it.")
+    return d
 
 
 @without_autocast
@@ -85,38 +122,33 @@ def decode_step(
     k: torch.Tensor,
     v: torch.Tensor,
     state: torch.Tensor,
-    decay=None,
+    decay: float | torch.Tensor | None = None,
     *,
-    log_decay=None,
+    log_decay: float | torch.Tensor | None = None,
     scale: float = 1.0,
     out_state: torch.Tensor | None = None,
-):
-    """One token of generation: q, k (B, H, Dk), v (B, H, Dv), state (B, H, Dk, Dv) in fp32 (fp64 for fp64).
+    method: str | Sequence[str] = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of generation: o = scale * q (lambda S + k^T v) and the new state lambda S + k^T v.
 
-    `state` and `out_state` in another dtype are a TypeError, never cast (the rule of `attention`'s initial_state).
+    Args:
+        q, k: (B, H, Dk); v: (B, H, Dv); one dtype and device.
+        state: (B, H, Dk, Dv) in the state dtype (fp32, fp64 for fp64 inputs); another dtype is a TypeError, never
+            cast (the rule of `attention`'s initial_state).
+        decay, log_decay, scale: as in `attention`.
+        out_state: where the new state goes, same shape and dtype; `out_state=state` updates the state in place,
+            so that a server reuses one buffer. Not while an input requires grad.
+        method: "auto", a decode method ("recurrent_step", "triton_step"; see `list_methods()`), or a list of them.
 
-    Returns (o (B, H, Dv) in the input dtype, new_state). The new state is a new tensor, or is written into
-    `out_state` when given; `out_state=state` updates the state in place, so a server reuses one buffer.
+    Returns:
+        (o (B, H, Dv) in the input dtype, new_state): the new state is `out_state` when given, else a new tensor.
+
+    Raises:
+        TypeError / ValueError: as `attention`, naming the argument; ValueError for out_state with gradients.
+        MethodRefusedError: no decode method (or not the one asked for) can run this step (see `explain_decode`).
     """
-    d = validate_decode(q, k, v, state, decay, log_decay, scale, out_state, step_factors)
-    cd = d.compute_dtype
-    if out_state is not None and torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad or state.requires_grad or d.log_decay.requires_grad
-    ):
-        raise ValueError("out_state writes in place and cannot be used while an input requires grad; drop it.")
-    if q.device.type == "cuda":  # one fused kernel per token where Triton can run it
-        from .methods import triton as triton_methods
-
-        if not triton_methods.decode_step_reasons(q, k, v, state):
-            return triton_methods.decode_step(q, k, v, state, d.log_decay, d.scale, out_state)
-    (lam,) = d.derived  # from the validation's one read of the decay
-    dtype = q.dtype
-    if dtype != cd:
-        q, k, v = q.to(cd), k.to(cd), v.to(cd)
-    o, new = step(state, q, k, v, lam, out_state)
-    if d.scale != 1.0:
-        o = o * d.scale
-    return o.to(dtype), new
+    d = _decode_inputs(q, k, v, state, decay, log_decay, scale, out_state)
+    return dispatch.choose_decode(d, method).method.step(d)
 
 
 @without_autocast
@@ -124,24 +156,47 @@ def explain(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    decay=None,
+    decay: float | torch.Tensor | None = None,
     *,
-    log_decay=None,
+    log_decay: float | torch.Tensor | None = None,
     scale: float = 1.0,
-    method: str = "auto",
+    method: str | Sequence[str] = "auto",
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    state_checkpoints=None,
-) -> dispatch.Explanation:
+    state_checkpoints: Sequence[int] | torch.Tensor | None = None,
+) -> Explanation:
     """Which method `attention` would use for these inputs, why, and why each other method is not used.
 
-    Prints as a readable report; the fields (`method`, `options`, `reason`, `refusals`) are there for code.
+    Takes `attention`'s arguments and raises its TypeError / ValueError for invalid inputs; a refusal of every
+    method is reported, not raised. Prints as a readable report; the fields (`method`, `options`, `reason`,
+    `refusals`) are there for code.
     """
     x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints)
     return dispatch.explain(x, method)
 
 
+@without_autocast
+def explain_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    decay: float | torch.Tensor | None = None,
+    *,
+    log_decay: float | torch.Tensor | None = None,
+    scale: float = 1.0,
+    out_state: torch.Tensor | None = None,
+    method: str | Sequence[str] = "auto",
+) -> Explanation:
+    """Which decode method `decode_step` would use for this step, why, and why each other one is not used.
+
+    Takes `decode_step`'s arguments and raises its TypeError / ValueError for invalid inputs.
+    """
+    return dispatch.explain_decode(_decode_inputs(q, k, v, state, decay, log_decay, scale, out_state), method)
+
+
 def list_methods() -> list[dict]:
-    """Every method with its backend, devices, dtypes, complexity and grad / state / varlen support."""
-    return [m.info() for m in REGISTRY.values()]
+    """Every method with its operation ("attention" or "decode_step"), backend, devices, dtypes, complexity, grad
+    support, options and availability."""
+    return [m.info() for m in (*REGISTRY.values(), *DECODE_REGISTRY.values())]

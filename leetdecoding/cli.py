@@ -243,6 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import machine
     from .bench.export import result_row
     from .bench.report import bench_table
+    from .device import device_name
 
     console = _console()
     cfg = _sweep_config(args)
@@ -250,7 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **machine.versions(),
         "device": cfg.device,
-        "device_name": machine.device_name(cfg.device),
+        "device_name": device_name(cfg.device),
         "torch_threads": torch.get_num_threads(),
     }
     console.print(f"machine: {info['device_name']} ({cfg.device}), {info['torch_threads']} torch threads, "

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from . import tuning
-from .inputs import AttentionInputs
+from .explanation import Explanation, format_bytes
+from .inputs import AttentionInputs, DecodeInputs, dtype_name
 from .memo import tracing
 from .methods import REGISTRY, Method
+from .methods.decode import DECODE_REGISTRY, DecodeMethod
 
 ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says method="auto"
 
@@ -44,10 +49,10 @@ SMALL_HEAD_DIM = 64
 SUBNORMAL_BAND = 2.0**8
 SUBNORMAL_MAX_POWERS = 1
 SUBNORMAL_MIN_CHUNK = 16
-# With gradients, chunked's forward keeps one state per segment of chunks, and its backward recomputes the
-# chunk-start states of one segment into a buffer of this size (16 chunks of 64 at B=1, H=8, D=128 fp32):
+# With gradients, chunked's forward keeps one state per span of chunks, and its backward recomputes the
+# chunk-start states of one span into a buffer of this size (16 chunks of 64 at B=1, H=8, D=128 fp32):
 # larger keeps fewer states and recomputes into a larger buffer. Without gradients it changes nothing.
-SEGMENT_BYTES = 8 << 20
+SPAN_BYTES = 8 << 20
 # The Triton kernels (leetdecoding/methods/triton): on CUDA they come first, in this order. triton_chunked's
 # chunk and the accuracy of its dots with an fp32 operand ("accurate": about fp32, within the contract's
 # tolerance; "ieee" is exact and slower; "fast" rounds that operand to the input dtype as fla does).
@@ -62,6 +67,9 @@ TUNABLE = {
     "chunk_size_large": CHUNK_SIZE,
     "triton_chunk_size": TRITON_CHUNK_SIZE,
 }
+# Decode: on CUDA one fused kernel per token, where the torch step launches several small kernels; elsewhere the
+# torch step (the Triton kernel runs on CPU only in Triton's interpreter, for testing).
+DECODE_FIRST_ON_CUDA = ["triton_step", "recurrent_step"]
 # Working memory per group of rank-one terms in fleet.
 FLEET_BUDGET_BYTES = 64 << 20
 # A plan may use at most this fraction of the memory available on the device.
@@ -76,11 +84,15 @@ class MethodRefusedError(ValueError):
 
 @dataclass
 class Choice:
-    method: Method
+    """What the dispatcher chose for one call: the method, the options it runs with, why, and why the methods
+    tried before it were refused."""
+
+    method: Method | DecodeMethod
     options: dict
     reason: str
     refusals: dict[str, list[str]] = field(default_factory=dict)
     estimate_bytes: int = 0
+    operation: str = "attention"  # or "decode_step"
 
 
 def available_memory(device: torch.device) -> int:
@@ -132,10 +144,11 @@ def chunk_size_for(x: AttentionInputs, chunk: int) -> int:
 
 
 def options_for(method: Method, x: AttentionInputs) -> dict:
+    """The value of each option `method` declares (`Method.options`), for these inputs."""
     if method.name == "chunked":
         small = max(x.dk, x.dv) <= SMALL_HEAD_DIM
         chunk = chunk_size_for(x, setting("chunk_size_small" if small else "chunk_size_large", x)[0])
-        return {"chunk_size": chunk, "segment_bytes": SEGMENT_BYTES}
+        return {"chunk_size": chunk, "span_bytes": SPAN_BYTES}
     if method.name == "fleet":
         return {"budget_bytes": FLEET_BUDGET_BYTES}
     if method.name == "triton_chunked":
@@ -148,14 +161,6 @@ def estimate_bytes(method: Method, x: AttentionInputs, options: dict) -> int:
     out = x.batch * x.heads * x.seq_len * x.dv * x.q.element_size()
     state = x.batch * x.heads * x.dk * x.dv * torch.finfo(x.compute_dtype).bits // 8
     return int(method.extra_memory_bytes(x, **options)) + out + state
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def priority(x: AttentionInputs) -> tuple[list[str], str]:
@@ -204,26 +209,41 @@ def reasons_for(
     return reasons, need
 
 
-def known_methods() -> str:
-    return ", ".join(["auto", *REGISTRY])
+def known_methods(registry: dict = REGISTRY) -> str:
+    return ", ".join(["auto", *registry])
+
+
+def resolve(method, registry: dict = REGISTRY, environment: bool = True) -> tuple[str, tuple[str, ...]]:
+    """("auto", ()) for auto; ("auto", names) for a sequence of names (auto among these); (name, ()) for one
+    method. With `environment`, auto is forced to ENV_METHOD's method when that variable names one."""
+    if isinstance(method, (list, tuple)) and method and all(isinstance(n, str) for n in method):
+        unknown = [n for n in method if n not in registry]
+        if unknown:
+            known = known_methods(registry)
+            raise ValueError(f"unknown method {unknown[0]!r} in method={list(method)}; known: {known}.")
+        return ("auto", tuple(method)) if len(method) > 1 else (method[0], ())
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a string, one of {known_methods(registry)} (or a non-empty list of method names); "
+            f"got {type(method).__name__}."
+        )
+    if method == "auto":
+        forced = os.environ.get(ENV_METHOD, "").strip() if environment else ""
+        if forced and forced != "auto":
+            if forced not in registry:
+                raise ValueError(f"{ENV_METHOD}={forced!r} is not a method; known: {known_methods(registry)}.")
+            return forced, ()
+        return "auto", ()
+    if method not in registry:
+        raise ValueError(f"unknown method {method!r}; known: {known_methods(registry)}.")
+    return method, ()
 
 
 def resolve_name(method) -> str:
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, one of {known_methods()}; got {type(method).__name__}.")
-    if method == "auto":
-        forced = os.environ.get(ENV_METHOD, "").strip()
-        if forced and forced != "auto":
-            if forced not in REGISTRY:
-                raise ValueError(f"{ENV_METHOD}={forced!r} is not a method; known: {known_methods()}.")
-            return forced
-        return "auto"
-    if method not in REGISTRY:
-        raise ValueError(f"unknown method {method!r}; known: {known_methods()}.")
-    return method
+    return resolve(method)[0]
 
 
-def forced_by(method: str, name: str) -> str:
+def forced_by(method, name: str) -> str:
     """How a method named `name` was forced when the call said `method`."""
     if method == "auto":
         return f"forced by the environment variable {ENV_METHOD}={name} (the call said method='auto')"
@@ -232,99 +252,183 @@ def forced_by(method: str, name: str) -> str:
 
 def representative(x: AttentionInputs) -> AttentionInputs:
     """The largest single call a packed or checkpointed problem makes: what the method must handle."""
-    if x.cu_seqlens is None:
+    if x.offsets is None:
         return x
     first = None if x.initial_state is None else x.initial_state[:1]
-    return x.piece(0, x.longest, first, x.output_final_state)
+    return x.segment(0, x.longest, first, x.output_final_state)
 
 
-def choose(x: AttentionInputs, method: str = "auto") -> Choice:
-    described = x.describe()  # the caller's inputs; the checks see the largest single call they make
-    x = representative(x)
-    name = resolve_name(method)
-    memory: dict = {}
-    if name != "auto":
-        m = REGISTRY[name]
-        opts = options_for(m, x)
-        reasons, need = reasons_for(m, x, opts, memory)
-        if reasons:
-            hint = (
-                f"unset {ENV_METHOD} (or set it to 'auto') so that auto picks a method that can"
-                if method == "auto"
-                else "method='auto' picks one that can"
-            )
-            raise MethodRefusedError(
-                f"method {name!r} cannot run {described}: " + "; ".join(reasons)
-                + f". It is {forced_by(method, name)}. Hint: {hint} (see leetdecoding.explain)."
-            )
-        return Choice(m, opts, forced_by(method, name), {}, need)
-    order, why = priority(x)
+def _refuse_forced(method, name: str, described: str, reasons: list[str]) -> MethodRefusedError:
+    hint = (
+        f"unset {ENV_METHOD} (or set it to 'auto') so that auto picks a method that can"
+        if method == "auto"
+        else "method='auto' picks one that can"
+    )
+    return MethodRefusedError(
+        f"method {name!r} cannot run {described}: " + "; ".join(reasons)
+        + f". It is {forced_by(method, name)}. Hint: {hint} (see leetdecoding.explain)."
+    )
+
+
+def _refuse_all(described: str, refusals: dict[str, list[str]], among: tuple[str, ...]) -> MethodRefusedError:
+    listing = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refusals.items())
+    what = f"none of the methods {list(among)} can run" if among else "no method can run"
+    return MethodRefusedError(f"{what} {described}:\n{listing}")
+
+
+def _walk(order: list[str], among: tuple[str, ...], why: str, reasons) -> tuple[str, str, dict]:
+    """The first name of `order` (restricted to `among` when given) whose `reasons(name)` is empty:
+    (name or "", why, the refusals before it)."""
+    if among:
+        order = [n for n in order if n in among]
+        why = f"the first of {list(among)} in auto's order that can run; " + why
     refusals: dict[str, list[str]] = {}
     for n in order:
+        r = reasons(n)
+        if not r:
+            return n, why, refusals
+        refusals[n] = r
+    return "", why, refusals
+
+
+def choose(x: AttentionInputs, method="auto") -> Choice:
+    """The method for these inputs: `method` is "auto", a method name, or a sequence of names (auto among
+    these). Raises MethodRefusedError naming every method tried and its reasons."""
+    return _made(_choose(x, method))
+
+
+def _choose(x: AttentionInputs, method) -> Choice:
+    described = x.describe()  # the caller's inputs; the checks see the largest single call they make
+    x = representative(x)
+    name, among = resolve(method)
+    memory: dict = {}
+    plans = {}
+
+    def reasons(n: str) -> list[str]:
         m = REGISTRY[n]
         opts = options_for(m, x)
-        reasons, need = reasons_for(m, x, opts, memory)
-        if not reasons:
-            return Choice(m, opts, why, refusals, need)
-        refusals[n] = reasons
-    for n, m in REGISTRY.items():  # the error names every method, also those "auto" does not try here
+        r, need = reasons_for(m, x, opts, memory)
+        plans[n] = (opts, need)
+        return r
+
+    if name != "auto":
+        r = reasons(name)
+        if r:
+            raise _refuse_forced(method, name, described, r)
+        opts, need = plans[name]
+        return Choice(REGISTRY[name], opts, forced_by(method, name), {}, need)
+    order, why = priority(x)
+    name, why, refusals = _walk(order, among, why, reasons)
+    if name:
+        opts, need = plans[name]
+        return Choice(REGISTRY[name], opts, why, refusals, need)
+    for n in among or REGISTRY:  # the error names every method, also those "auto" does not try here
         if n not in refusals:
-            refusals[n] = reasons_for(m, x, options_for(m, x), memory)[0] or [
-                f"not tried by auto on {x.device.type} (pass method={n!r} to use it)"
-            ]
-    listing = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refusals.items())
-    raise MethodRefusedError(f"no method can run {described}:\n{listing}")
+            refusals[n] = reasons(n) or [f"not tried by auto on {x.device.type} (pass method={n!r} to use it)"]
+    raise _refuse_all(described, refusals, among)
 
 
-@dataclass
-class Explanation:
-    """What "auto" (or a forced method) does with these inputs, and why each other method is not used."""
-
-    inputs: str
-    method: str | None
-    options: dict
-    reason: str
-    refusals: dict[str, list[str]]
-    others: list[str]  # methods that could run these inputs but are not used
-    estimate_bytes: int
-    forced: bool = False  # the method was forced (method= or the environment): `others` are never chosen
-
-    def __repr__(self) -> str:
-        lines = [f"inputs: {self.inputs}"]
-        if self.method is None:
-            what = "the forced method cannot run these inputs" if self.forced else "no method can run these inputs"
-            lines.append(f"{what}: {self.reason}")
-        else:
-            opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-            lines.append(f"chosen: {self.method}" + (f" ({opts})" if opts else ""))
-            lines.append(f"  why: {self.reason}")
-            lines.append(f"  planned memory: {format_bytes(self.estimate_bytes)}")
-        for n, r in self.refusals.items():
-            lines.append(f"refused: {n}: {'; '.join(r)}")
-        if self.forced and self.others:  # never chosen while the method is forced, whatever their priority
-            forced = f"{self.method} is {self.reason}" if self.method else "another method is forced"
-            lines.append(f"not used ({forced}): {', '.join(self.others)} could also run these")
-        else:
-            lines.extend(f"also possible (lower priority): {n}" for n in self.others)
-        return "\n".join(lines)
-
-    __str__ = __repr__
+def decode_priority(d: DecodeInputs) -> tuple[list[str], str]:
+    """Decode methods in the order "auto" tries them, and why that order."""
+    if d.q.device.type == "cuda":
+        return DECODE_FIRST_ON_CUDA, "on CUDA the fused Triton kernel: one launch per token, the state read once"
+    return DECODE_FIRST_ON_CUDA[::-1], f"on {d.q.device.type} the torch step (Triton's kernels are for CUDA)"
 
 
-def explain(x: AttentionInputs, method: str = "auto") -> Explanation:
-    described = x.describe()
-    memory: dict = {}
-    forced = resolve_name(method) != "auto"
+_DECODE_CHOICES: dict[tuple, Choice] = {}  # (method, DecodeInputs.key()) -> the choice: decoding asks every token
+_DECODE_CHOICES_SIZE = 64
+
+
+def choose_decode(d: DecodeInputs, method="auto") -> Choice:
+    """The decode method for this step (`method` as in `choose`; the environment variable is for attention)."""
+    key = (method if isinstance(method, str) else tuple(method), d.key())
+    choice = _DECODE_CHOICES.get(key)
+    if choice is None:
+        choice = _choose_decode(d, method)
+        if len(_DECODE_CHOICES) >= _DECODE_CHOICES_SIZE:
+            _DECODE_CHOICES.pop(next(iter(_DECODE_CHOICES)))
+        _DECODE_CHOICES[key] = choice
+    return _made(choice)
+
+
+def _choose_decode(d: DecodeInputs, method) -> Choice:
+    name, among = resolve(method, DECODE_REGISTRY, environment=False)
+    described = describe_decode(d)
+
+    def reasons(n: str) -> list[str]:
+        return DECODE_REGISTRY[n].not_supported_reasons(d)
+
+    if name != "auto":
+        r = reasons(name)
+        if r:
+            raise _refuse_forced(method, name, described, r)
+        return Choice(DECODE_REGISTRY[name], {}, forced_by(method, name), operation="decode_step")
+    order, why = decode_priority(d)
+    name, why, refusals = _walk(order, among, why, reasons)
+    if not name:
+        raise _refuse_all(described, refusals, among)
+    return Choice(DECODE_REGISTRY[name], {}, why, refusals, operation="decode_step")
+
+
+def describe_decode(d: DecodeInputs) -> str:
+    (b, h, dk), dv = d.q.shape, d.v.shape[-1]
+    return f"a decode step B={b}, H={h}, Dk={dk}, Dv={dv}, {dtype_name(d.q.dtype)} on {d.q.device}"
+
+
+# ----- what the public calls chose -----
+
+_recording = threading.local()
+
+
+@contextmanager
+def record_choices() -> Iterator[list[Choice]]:
+    """Collects the choice of every `attention` and `decode_step` call made inside the block (in this thread),
+    in order: `with record_choices() as made: ...; made[-1].method.name`. How a caller (a model integration, a
+    benchmark) reads which method ran without asking the dispatcher again."""
+    lists = _recording.__dict__.setdefault("lists", [])
+    made: list[Choice] = []
+    lists.append(made)
     try:
-        c = choose(x, method)  # the caller's inputs: a refusal describes them, not the largest piece
+        yield made
+    finally:
+        lists.remove(made)
+
+
+def _made(choice: Choice) -> Choice:
+    for made in getattr(_recording, "lists", ()):
+        made.append(choice)
+    return choice
+
+
+def explain(x: AttentionInputs, method="auto") -> Explanation:
+    """What `choose` decides for these inputs, and every method's refusals (of the largest single call)."""
+    largest, memory = representative(x), {}
+
+    def reasons(m: Method) -> list[str]:
+        return reasons_for(m, largest, options_for(m, largest), memory)[0]
+
+    return _explanation(lambda: _choose(x, method), x.describe(), method, REGISTRY, reasons)
+
+
+def explain_decode(d: DecodeInputs, method="auto") -> Explanation:
+    """What `choose_decode` decides for this step, and every decode method's refusals."""
+    return _explanation(
+        lambda: _choose_decode(d, method), describe_decode(d), method, DECODE_REGISTRY,
+        lambda m: m.not_supported_reasons(d), environment=False,
+    )
+
+
+def _explanation(choose_fn, described: str, method, registry: dict, reasons, environment: bool = True):
+    forced = resolve(method, registry, environment)[0] != "auto"
+    try:
+        c = choose_fn()  # the caller's inputs: a refusal describes them, not the largest segment
     except MethodRefusedError as e:
         chosen, options, reason, estimate = None, {}, str(e), 0
     else:
         chosen, options, reason, estimate = c.method.name, c.options, c.reason, c.estimate_bytes
-    x = representative(x)
     refusals, others = {}, []
-    for n, m in REGISTRY.items():
-        r = reasons_for(m, x, options_for(m, x), memory)[0]
+    for n, m in registry.items():
+        r = reasons(m)
         if r:
             refusals[n] = r
         elif n != chosen:

@@ -20,6 +20,11 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: how messages and tables name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass
 class AttentionInputs:
     q: torch.Tensor  # (B, H, N, Dk), possibly a strided view
@@ -29,23 +34,26 @@ class AttentionInputs:
     scale: float
     initial_state: torch.Tensor | None  # (B, H, Dk, Dv), or (S, H, Dk, Dv) with cu_seqlens; compute_dtype
     output_final_state: bool
-    cu_seqlens: list[int] | None = None  # packed sequences: sequence i is tokens [cu[i], cu[i+1]), batch 1
+    # Packed sequences (batch 1): sequence i is the tokens [offsets[i], offsets[i+1]). `offsets` is the host list
+    # the runner reads; `cu_seqlens` the caller's tensor of the same values, as the API takes it, for kernels.
+    offsets: list[int] | None = None
     checkpoints: list[int] | None = None  # also return the state after each of these many tokens
-    cu_seqlens_tensor: torch.Tensor | None = None  # the caller's offsets tensor, for kernels that read them
+    cu_seqlens: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
-        return self.batch if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+        return self.batch if self.offsets is None else len(self.offsets) - 1
 
     @property
     def longest(self) -> int:
         """The longest sequence: N, or the longest packed sequence with cu_seqlens."""
-        if self.cu_seqlens is None:
+        if self.offsets is None:
             return self.seq_len
-        return max((b - a for a, b in zip(self.cu_seqlens, self.cu_seqlens[1:])), default=0)
+        return max((b - a for a, b in zip(self.offsets, self.offsets[1:])), default=0)
 
-    def piece(self, start: int, end: int, initial_state, output_final_state: bool) -> AttentionInputs:
-        """The tokens [start, end) of every batch row as a plain (not packed) problem; views, no copies."""
+    def segment(self, start: int, end: int, initial_state, output_final_state: bool) -> AttentionInputs:
+        """The tokens [start, end) of every batch row as a plain (not packed) problem, a segment in the sense of
+        leetdecoding.segments; views, no copies."""
         return AttentionInputs(
             q=self.q[:, :, start:end],
             k=self.k[:, :, start:end],
@@ -98,11 +106,11 @@ class AttentionInputs:
     def describe(self) -> str:
         s = (
             f"q {tuple(self.q.shape)}, k {tuple(self.k.shape)}, v {tuple(self.v.shape)}, "
-            f"{str(self.dtype).replace('torch.', '')} on {self.device}"
+            f"{dtype_name(self.dtype)} on {self.device}"
         )
         if self.initial_state is not None:
             s += ", with initial_state"
-        if self.cu_seqlens is not None:
+        if self.offsets is not None:
             s += f", {self.num_sequences} packed sequences (longest {self.longest})"
         return s
 
@@ -146,7 +154,9 @@ def check_scale(scale) -> float:
     return scale
 
 
-def check_state(name: str, state, expected: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+def check_state(
+    name: str, state, expected: tuple[int, ...], device: torch.device, dtype: torch.dtype, layout="(B, H, Dk, Dv)"
+):
     """Return the state (None or a tensor) after checking it, unchanged: states are never converted.
 
     The rule, one for `attention` (initial_state), `decode_step` (state, out_state), the nn cache and the
@@ -159,7 +169,7 @@ def check_state(name: str, state, expected: tuple[int, ...], device: torch.devic
     if not isinstance(state, torch.Tensor):
         raise TypeError(f"{name} must be a floating torch.Tensor of shape {expected}; got {type(state).__name__}.")
     if tuple(state.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {expected} (B, H, Dk, Dv); got {_shape(state)}.")
+        raise ValueError(f"{name} must have shape {expected} {layout}; got {_shape(state)}.")
     check_state_dtype(name, state, dtype)
     _decay.check_not_meta(name, state)
     if state.device != device:
@@ -218,11 +228,14 @@ def validate(
         v=v,
         log_decay=_decay.canonical_log_decay(decay, log_decay, H, q.device, cd),
         scale=check_scale(scale),
-        initial_state=check_state("initial_state", initial_state, (states, H, Dk, Dv), q.device, q.dtype),
+        initial_state=check_state(
+            "initial_state", initial_state, (states, H, Dk, Dv), q.device, q.dtype,
+            "(B, H, Dk, Dv)" if offsets is None else "(S, H, Dk, Dv), one state per sequence of cu_seqlens",
+        ),  # fmt: skip
         output_final_state=output_final_state,
-        cu_seqlens=offsets,
+        offsets=offsets,
         checkpoints=check_checkpoints(state_checkpoints, N),
-        cu_seqlens_tensor=None if offsets is None else cu_seqlens,
+        cu_seqlens=None if offsets is None else cu_seqlens,
     )
 
 
@@ -287,10 +300,26 @@ def check_checkpoints(positions, n: int) -> list[int] | None:
 
 @dataclass
 class DecodeInputs:
+    """One validated decode step: what the decode methods (leetdecoding.methods.decode) read."""
+
+    q: torch.Tensor  # (B, H, Dk)
+    k: torch.Tensor  # (B, H, Dk)
+    v: torch.Tensor  # (B, H, Dv)
+    state: torch.Tensor  # (B, H, Dk, Dv) in compute_dtype
+    out_state: torch.Tensor | None  # where the new state goes (may be `state` itself), or None for a new tensor
     log_decay: torch.Tensor  # (H,) in compute_dtype
     scale: float
     compute_dtype: torch.dtype
     derived: tuple = ()  # derive(log_decay) of validate_decode, from the same read of the decay
+
+    @property
+    def requires_grad(self) -> bool:
+        tensors = (self.q, self.k, self.v, self.state, self.log_decay)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def key(self) -> tuple:
+        """What a decode method's refusals depend on: the same key, the same choice."""
+        return (self.q.device, self.q.dtype, self.q.shape[-1], self.v.shape[-1], self.requires_grad)
 
 
 def validate_decode(q, k, v, state, decay, log_decay, scale, out_state, derive=None) -> DecodeInputs:
@@ -331,7 +360,7 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state, derive=N
     log = _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd, derive)
     log, derived = (log, ()) if derive is None else (log[0], log[1:])
     scale = scale if type(scale) is float and math.isfinite(scale) else check_scale(scale)
-    return DecodeInputs(log, scale, cd, derived)
+    return DecodeInputs(q, k, v, state, out_state, log, scale, cd, derived)
 
 
 def _explain_decode_error(q, k, v, state, out_state) -> None:

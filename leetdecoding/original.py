@@ -6,8 +6,6 @@ lambda = gamma. The original mixed the two between branches; here every branch i
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .api import attention
@@ -15,29 +13,21 @@ from .decay import check_not_meta
 from .dispatch import MethodRefusedError
 from .methods import REGISTRY
 
-log = logging.getLogger("leetdecoding")
-
-# original name -> method here
+# original name -> the methods here that compute its algorithm: the dispatcher runs the first of them, in its
+# order, that can run the inputs (the Triton kernel of a GPU name on CUDA, else the same algorithm in PyTorch;
+# `leetdecoding.record_choices` tells which ran, `explain(..., method=ALIASES[name])` why).
 ALIASES = {
-    "vanilla": "vanilla",
-    "lightningAttention2": "chunked",
-    "lightningAttention2_torch": "chunked",
-    "lightningAttention2_optimized": "chunked",
-    "block-based": "chunked",
-    "FleetAttention": "fleet",
-    "FleetAttention_torch": "fleet",
-    "causal_dot_product": "recurrent",
-    "causal_dot_product_torch": "recurrent",
-    "recursion": "recursion",
+    "vanilla": ("vanilla",),
+    "lightningAttention2": ("triton_chunked", "chunked"),
+    "lightningAttention2_torch": ("chunked",),
+    "lightningAttention2_optimized": ("triton_chunked", "chunked"),
+    "block-based": ("chunked",),
+    "FleetAttention": ("triton_fleet", "fleet"),
+    "FleetAttention_torch": ("fleet",),
+    "causal_dot_product": ("triton_recurrent", "recurrent"),
+    "causal_dot_product_torch": ("recurrent",),
+    "recursion": ("recursion",),
 }
-# names of the original's GPU kernels: their Triton method here where it can run, else the same algorithm in PyTorch
-GPU_KERNELS = {
-    "lightningAttention2": "triton_chunked",
-    "lightningAttention2_optimized": "triton_chunked",
-    "FleetAttention": "triton_fleet",
-    "causal_dot_product": "triton_recurrent",
-}
-_logged: set[str] = set()
 
 
 def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp=True, attn_method=None):
@@ -47,6 +37,12 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
     lambda = exp(-gamma) when is_need_exp (gamma >= 0), else lambda = gamma (in (0, 1]). gamma is a real tensor
     (its dtype and device are converted as `attention` converts a decay); errors about it name gamma.
     attn_method: None (choose automatically), one of the original names (ALIASES) or a method name of this library.
+
+    Raises:
+        TypeError: a flag that is not a bool, gamma not a real tensor, attn_method not a string.
+        ValueError: gamma given without is_mask_weight (or missing with it), gamma outside its convention's range
+            or of the wrong shape, an unknown attn_method; MethodRefusedError when the method cannot run the
+            inputs (its message says why and how to choose one that can).
     """
     _check_flag("is_mask_weight", is_mask_weight)
     _check_flag("is_need_exp", is_need_exp)
@@ -54,7 +50,7 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
         raise ValueError("gamma is given but is_mask_weight=False; pass is_mask_weight=True to use the decay gamma.")
     if is_mask_weight and gamma is None:
         raise ValueError("is_mask_weight=True needs gamma, a tensor of shape (H,); got gamma=None.")
-    method = _method_name(attn_method, q)
+    method = _method_name(attn_method)
     decay = {}
     if is_mask_weight:
         heads = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 4 else None
@@ -68,7 +64,8 @@ def causal_linear_decoder(q, k, v, is_mask_weight=False, gamma=None, is_need_exp
         if attn_method is None or attn_method == "auto":
             raise
         raise MethodRefusedError(
-            f"attn_method={attn_method!r} (method {method!r} here) cannot run these inputs: {e} "
+            f"attn_method={attn_method!r} (here {' or '.join(method) if isinstance(method, tuple) else method}) "
+            f"cannot run these inputs: {e} "
             "Pass attn_method=None to choose one that can."
         ) from None
 
@@ -105,7 +102,7 @@ def _check_gamma(gamma, heads: int | None, is_need_exp: bool) -> None:
         raise ValueError(f"{rule}; got gamma = {values}. Hint: {hint}")
 
 
-def _method_name(attn_method, q) -> str:
+def _method_name(attn_method) -> str | tuple[str, ...]:
     if attn_method is None:
         return "auto"
     if not isinstance(attn_method, str):
@@ -115,18 +112,4 @@ def _method_name(attn_method, q) -> str:
             f"attn_method must be None, 'auto', an original name ({', '.join(ALIASES)}) or a method of this "
             f"library ({', '.join(REGISTRY)}); got unknown method {attn_method!r}."
         )
-    if attn_method in GPU_KERNELS:
-        kernel = REGISTRY[GPU_KERNELS[attn_method]]
-        on_gpu = isinstance(q, torch.Tensor) and q.device.type == "cuda"
-        if on_gpu and kernel.unavailable_reason() is None:
-            return kernel.name
-        if attn_method not in _logged:
-            _logged.add(attn_method)
-            why = "the inputs are not on a CUDA device" if not on_gpu else kernel.unavailable_reason()
-            log.warning(
-                "attn_method=%r runs as the PyTorch method %r (the same algorithm): %s.",
-                attn_method,
-                ALIASES[attn_method],
-                why,
-            )
     return ALIASES.get(attn_method, attn_method)

@@ -1,6 +1,10 @@
-"""Runs any method over pieces of the sequence, chaining the state: packed variable-length batches
-(`cu_seqlens`) and state checkpoints. One mechanism for every method, exact by construction: a piece starts
-from the state the previous piece left, exactly as one call would carry it.
+"""Runs any method over segments of the sequence, chaining the state: packed variable-length batches
+(`cu_seqlens`) and state checkpoints. One mechanism for every method, exact by construction: a segment starts
+from the state the previous segment left, exactly as one call would carry it.
+
+Words: a *segment* is the tokens between two cuts (a sequence start of `cu_seqlens`, a checkpoint), run as one
+method call; a *span* is a group of chunks inside the chunked method (leetdecoding.methods.chunked); a *chunk*
+is the unit of the chunked algorithms.
 
 Every method call goes through `forward` here, which also keeps outputs causal when k or v hold NaN or inf:
 o_t depends only on tokens <= t, whatever the later tokens hold (garbage in right padding is a real case).
@@ -22,7 +26,7 @@ import torch
 from .inputs import AttentionInputs
 from .memo import tracing
 from .methods.autograd import PlainAutogradFence
-from .methods.base import Method, new_output
+from .methods.base import Method, new_output, zero_states
 from .methods.recurrent import Recurrent
 
 RECURRENT = Recurrent()
@@ -30,15 +34,15 @@ RECURRENT = Recurrent()
 
 def run(method: Method, x: AttentionInputs, options: dict):
     """Returns (o, final_state or None, checkpoints or None)."""
-    if x.checkpoints is None and (x.cu_seqlens is None or method.native_varlen):
-        if x.cu_seqlens is None:
+    if x.checkpoints is None and (x.offsets is None or method.native_varlen):
+        if x.offsets is None:
             o, state = forward(method, x, options)
             return o, state, None
         o, state = _call(method, x, options)
         if not _suspect(x, o, state):
             return o, state, None
         # packed sequences with a non-finite output: repaired one sequence at a time by the loop below
-    sequences = [(0, x.seq_len)] if x.cu_seqlens is None else list(zip(x.cu_seqlens, x.cu_seqlens[1:]))
+    sequences = [(0, x.seq_len)] if x.offsets is None else list(zip(x.offsets, x.offsets[1:]))
     cuts = set(x.checkpoints or ())
     saved: dict[int, torch.Tensor] = {}
     finals = []
@@ -47,31 +51,30 @@ def run(method: Method, x: AttentionInputs, options: dict):
         if x.initial_state is None:
             state = None
         else:
-            state = x.initial_state if x.cu_seqlens is None else x.initial_state[i : i + 1]
+            state = x.initial_state if x.offsets is None else x.initial_state[i : i + 1]
         bounds = [start, *sorted(p for p in cuts if start < p < end), end]
         for a, b in zip(bounds, bounds[1:]):
             keep = b < end or b in cuts or x.output_final_state
             if a == b:
                 continue
-            out, state = forward(method, x.piece(a, b, state, keep), options)
+            out, state = forward(method, x.segment(a, b, state, keep), options)
             o[:, :, a:b] = out
             if b in cuts:
                 saved[b] = state
         if state is None or start == end:
             state = _empty_state(x) if state is None else state.clone()
         finals.append(state)
-    final = (finals[0] if x.cu_seqlens is None else torch.cat(finals)) if x.output_final_state else None
+    final = (finals[0] if x.offsets is None else torch.cat(finals)) if x.output_final_state else None
     checkpoints = None
     if x.checkpoints is not None:
-        shape = (x.heads, x.dk, x.dv) if x.cu_seqlens is not None else (x.batch, x.heads, x.dk, x.dv)
-        rows = [saved[p] if x.cu_seqlens is None else saved[p][0] for p in x.checkpoints]
+        shape = (x.heads, x.dk, x.dv) if x.offsets is not None else (x.batch, x.heads, x.dk, x.dv)
+        rows = [saved[p] if x.offsets is None else saved[p][0] for p in x.checkpoints]
         checkpoints = torch.stack(rows) if rows else torch.zeros((0, *shape), dtype=x.compute_dtype, device=x.device)
     return o, final, checkpoints
 
 
 def _empty_state(x: AttentionInputs) -> torch.Tensor:
-    rows = 1 if x.cu_seqlens is not None else x.batch
-    return torch.zeros(rows, x.heads, x.dk, x.dv, dtype=x.compute_dtype, device=x.device)
+    return zero_states(x, 1 if x.offsets is not None else x.batch)
 
 
 def forward(method: Method, x: AttentionInputs, options: dict):
@@ -85,9 +88,9 @@ def forward(method: Method, x: AttentionInputs, options: dict):
     state = x.initial_state
     parts = []
     if first > 0:
-        head, state = _call(method, x.piece(0, first, state, True), options)
+        head, state = _call(method, x.segment(0, first, state, True), options)
         parts.append(head)
-    tail, state = RECURRENT.forward(x.piece(first, x.seq_len, state, x.output_final_state))
+    tail, state = RECURRENT.forward(x.segment(first, x.seq_len, state, x.output_final_state))
     parts.append(tail)
     return torch.cat(parts, dim=2), state
 

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from .device import cpu_model
+from .inputs import dtype_name
+
 ENV = "LEETDECODING_TUNING"
 VERSION = 1
 # the values a table may set, each with the values it may take
@@ -71,8 +74,6 @@ def _device_key(kind: str, index: int | None, threads: int) -> str:
     if kind == "cuda":
         major, minor = torch.cuda.get_device_capability(index)
         return f"cuda {torch.cuda.get_device_name(index)} sm_{major}{minor}"
-    from .bench.machine import cpu_model
-
     return f"{kind} {cpu_model()}, {threads} threads"
 
 
@@ -86,7 +87,7 @@ def device_key(device: torch.device | str) -> str:
 
 
 def dtype_key(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    return dtype_name(dtype)
 
 
 def _read(path: Path) -> dict:

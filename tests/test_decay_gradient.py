@@ -75,7 +75,7 @@ def test_log_decay_gradient_fp32_small_decay(name, lam, d):
     assert err < 2e-5, f"{name}: d log_decay relative error {err:.2e} ({got.item():.6g} vs {ref.item():.6g})"
 
 
-# ----- a sweep: every decay from 1 to a subnormal, lengths across chunk and segment boundaries -----
+# ----- a sweep: every decay from 1 to a subnormal, lengths across chunk and span boundaries -----
 
 
 DECAYS = [1.0, 0.999, 0.5, 0.05, 1e-3, 1e-20, 1e-30, 1e-45]  # one head each
@@ -84,9 +84,9 @@ RELATIVE = {torch.float64: 1e-12, torch.float32: 1e-6}  # of the magnitude of th
 SCALE = 0.5
 
 
-def _chunked_in_one_chunk_segments(q, k, v, log_decay, s0):
-    """chunked with chunks of 16 tokens, each its own segment (segment_bytes=1): the state gradient and its
-    distance-weighted twin cross a segment boundary at every chunk."""
+def _chunked_in_one_chunk_spans(q, k, v, log_decay, s0):
+    """chunked with chunks of 16 tokens, each its own span (span_bytes=1): the state gradient and its
+    distance-weighted twin cross a span boundary at every chunk."""
     return ChunkedFunction.apply(q, k, v, log_decay, s0, SCALE, 16, 1)
 
 
@@ -100,7 +100,7 @@ def _through_api(name):
 
 
 RUNS = {name: _through_api(name) for name in GRAD_METHODS}
-RUNS["chunked-segments"] = _chunked_in_one_chunk_segments
+RUNS["chunked-spans"] = _chunked_in_one_chunk_spans
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -112,8 +112,8 @@ def test_log_decay_gradient_per_head(name, n, dtype):
     decay, 1e-45, is itself subnormal, and the methods flush the factors it comes from)."""
     if name in ("vanilla", "recursion") and n not in (20, 65):
         pytest.skip("plain autograd, a control: two lengths are enough")
-    if name == "chunked-segments" and n > 130:
-        pytest.skip("a Python loop over 16-token segments: 130 tokens cross nine of them")
+    if name == "chunked-spans" and n > 130:
+        pytest.skip("a Python loop over 16-token spans: 130 tokens cross nine of them")
     if name == "recurrent" and n > 130 and dtype == torch.float64:
         pytest.skip("a per-token Python loop: fp32 covers this length")
     q, k, v, do, s0, ds, log_decay = _inputs(DECAYS, n, 1, dtype, seed=n)

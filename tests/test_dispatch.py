@@ -8,6 +8,7 @@ import torch
 import leetdecoding as ld
 from leetdecoding import dispatch
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.decode import DECODE_REGISTRY
 
 from .reference import assert_close, reference
 from .runnable import RUNNABLE_ON_CPU
@@ -80,9 +81,11 @@ def test_forced_method_goes_through_the_same_check(monkeypatch):
 
 def test_list_methods_declares_capabilities():
     rows = {r["name"]: r for r in ld.list_methods()}
-    assert set(rows) == set(REGISTRY)
+    assert set(rows) == set(REGISTRY) | set(DECODE_REGISTRY)
+    assert {n for n, r in rows.items() if r["operation"] == "decode_step"} == set(DECODE_REGISTRY)
     assert rows["vanilla"]["time"] == "O(N^2 (Dk+Dv))" and rows["recurrent"]["memory"] == "O(Dk Dv)"
+    assert rows["chunked"]["options"] == ["chunk_size", "span_bytes"] and rows["vanilla"]["options"] == []
     for r in rows.values():
-        assert r["backend"] in ("torch", "triton") and r["state"]
+        assert r["backend"] in ("torch", "triton")
         if r["backend"] == "torch":
             assert r["available"] and set(r["dtypes"]) == {"float64", "float32", "float16", "bfloat16"}

@@ -116,3 +116,11 @@ def test_decay_dtype_is_the_one_silent_conversion():
     b = ld.attention(q, k, v, decay=torch.ones(3, dtype=torch.float64))
     c = ld.attention(q, k, v)
     assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_a_packed_initial_state_of_the_wrong_shape_names_the_packed_layout():
+    q = torch.randn(1, 2, 10, 4)
+    cu = torch.tensor([0, 3, 10])
+    with pytest.raises(ValueError, match=r"initial_state must have shape \(2, 2, 4, 4\) \(S, H, Dk, Dv\), one state "
+                       r"per sequence of cu_seqlens; got \(1, 2, 4, 4\)"):
+        ld.attention(q, q, q, cu_seqlens=cu, initial_state=torch.zeros(1, 2, 4, 4))

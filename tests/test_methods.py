@@ -120,7 +120,7 @@ def test_long_sequence_any_decay(name):
 def test_decay_factors_exact_after_a_large_matmul():
     """On this project's CPU machine, torch's multi-threaded fp32 exp sometimes returned values off by 1.5e-4 in
     one worker thread after a large matmul; the decay factors are formed in fp64 and must stay exact."""
-    from leetdecoding.methods.base import causal_decay_matrix
+    from leetdecoding.methods.decay_math import causal_decay_matrix
 
     a = torch.randn(2048, 2048)
     for _ in range(3):

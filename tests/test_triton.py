@@ -145,7 +145,7 @@ def test_native_varlen_is_one_call(dtype, monkeypatch):
     method = REGISTRY["triton_chunked"]
     calls = []
     forward = method.forward
-    monkeypatch.setattr(method, "forward", lambda x, **o: calls.append(x.cu_seqlens) or forward(x, **o))
+    monkeypatch.setattr(method, "forward", lambda x, **o: calls.append(x.offsets) or forward(x, **o))
     q, k, v, _ = problem(130, 60, 24)
     cu = [0, 0, 1, 50, 130]
     states0 = torch.randn(4, 4, 60, 24, dtype=torch.float64)

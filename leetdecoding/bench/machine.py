@@ -10,6 +10,7 @@ import torch
 
 import leetdecoding
 
+from ..device import cpu_model
 from .timing import time_call
 
 
@@ -32,25 +33,6 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "triton": package_version("triton"),
     }
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, or what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_name(device: str | torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
 
 
 def cpu_summary() -> str:

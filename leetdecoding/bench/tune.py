@@ -79,14 +79,14 @@ def measure(
     plan = plan or Plan()
     out: list[Measurement] = []
     values: dict[str, int] = {}
-    segment = {"segment_bytes": dispatch.SEGMENT_BYTES}
+    span = {"span_bytes": dispatch.SPAN_BYTES}
     with torch.no_grad():
         for name, d in (("chunk_size_small", min(dim, dispatch.SMALL_HEAD_DIM)), ("chunk_size_large", dim)):
             if name == "chunk_size_large" and dim <= dispatch.SMALL_HEAD_DIM:
                 continue
             progress(f"{name}: chunked at chunks {plan.chunks}, N={plan.chunk_n}, D={d}")
             x = _inputs(plan.chunk_n, heads, d, dtype, device)
-            values[name] = _best_chunk(name, x, plan.chunks, rounds, device, out, **segment)
+            values[name] = _best_chunk(name, x, plan.chunks, rounds, device, out, **span)
 
         chunk = values.get("chunk_size_large" if dim > dispatch.SMALL_HEAD_DIM else "chunk_size_small")
         progress(f"vanilla_max_n: vanilla against chunked (C={chunk}) at N in {plan.crossover_n}")
@@ -95,7 +95,7 @@ def measure(
             x = _inputs(n, heads, dim, dtype, device)
             contenders = {
                 "vanilla": lambda x=x: REGISTRY["vanilla"].forward(x),
-                "chunked": lambda x=x: REGISTRY["chunked"].forward(x, chunk_size=chunk, **segment),
+                "chunked": lambda x=x: REGISTRY["chunked"].forward(x, chunk_size=chunk, **span),
             }
             medians = _race("vanilla_max_n", f"N={n}, D={dim}", contenders, rounds, device, out)
             if medians["chunked"] <= medians["vanilla"]:

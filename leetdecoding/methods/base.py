@@ -1,21 +1,18 @@
-"""What every method declares, and the decay factors they share.
+"""The method interface: what every method declares, and the buffers its forward fills.
 
-A method is a small class: capabilities as data, formulas for flops and extra memory,
-`not_supported_reasons(inputs)` and `forward(inputs, **options) -> (o, final_state or None)`.
-Every decay factor below is exp(non-positive): lambda^(-j) is never formed.
+A method is a small class: capabilities as data (devices, dtypes, head dims, gradients, the options the dispatcher
+sets), its extra memory, `not_supported_reasons(inputs)` and `forward(inputs, **options) -> (o, final_state or
+None)`. A decode method (`DecodeMethod`, leetdecoding.methods.decode) declares the same capabilities for one token.
+The decay math the methods share is in `decay_math`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-from ..decay import finite_log
-from ..inputs import AttentionInputs
-from ..memo import ValueMemo
+from ..inputs import AttentionInputs, dtype_name
 from . import hugepages
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -24,11 +21,9 @@ ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 FILL_UNWRITTEN_WITH_NAN = os.environ.get("LEETDECODING_DEBUG_NAN", "") == "1"
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+class Declared:
+    """Capabilities as data, and the refusals they imply. Shared by the attention methods and the decode methods."""
 
-
-class Method:
     name: str = ""
     algorithm: str = ""
     backend: str = "torch"
@@ -36,46 +31,27 @@ class Method:
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     max_head_dim: int | None = None
     supports_grad: bool = True
-    plain_autograd: bool = False  # differentiated by autograd through its torch ops (no custom backward)
-    supports_state: bool = True
-    supports_varlen: bool = True  # packed sequences run through leetdecoding.segments
-    native_varlen: bool = False  # forward() takes packed sequences (x.cu_seqlens) itself, in one call
-    time_complexity: str = ""
-    memory_complexity: str = ""
-    time_exponent: float = 1.0  # how time grows with N, for the benchmark's time budget
-    options: dict = {}  # tunable parameters with their defaults (the dispatcher sets them)
 
-    # ----- declarations answered per input -----
     def unavailable_reason(self) -> str | None:
         """Why this method cannot run in this process at all (a missing package), or None."""
         return None
 
-    def flops(self, x: AttentionInputs, **options) -> float:
-        raise NotImplementedError
-
-    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
-        """Peak working memory beyond inputs and output, in bytes."""
-        raise NotImplementedError
-
-    def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
+    def capability_reasons(self, device: torch.device, dtype: torch.dtype, dk: int, dv: int, grad: bool) -> list[str]:
+        """The refusals the declarations imply for inputs on `device` in `dtype` with head dims dk, dv; `grad`:
+        some input requires grad."""
         reasons = []
         missing = self.unavailable_reason()
         if missing:
             reasons.append(missing)
-        if x.device.type not in self.devices:
-            reasons.append(f"runs on {'/'.join(self.devices)}, not {x.device.type}")
-        if x.dtype not in self.dtypes:
-            reasons.append(
-                f"supports {', '.join(_dtype_name(d) for d in self.dtypes)}, not {_dtype_name(x.dtype)}"
-            )
-        if self.max_head_dim is not None and max(x.dk, x.dv) > self.max_head_dim:
-            reasons.append(f"head dims up to {self.max_head_dim}, got Dk={x.dk}, Dv={x.dv}")
-        if x.requires_grad and not self.supports_grad:
+        if device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)}, not {device.type}")
+        if dtype not in self.dtypes:
+            reasons.append(f"supports {', '.join(dtype_name(d) for d in self.dtypes)}, not {dtype_name(dtype)}")
+        if self.max_head_dim is not None and max(dk, dv) > self.max_head_dim:
+            reasons.append(f"head dims up to {self.max_head_dim}, got Dk={dk}, Dv={dv}")
+        if grad and not self.supports_grad:
             reasons.append("no gradient support (an input requires grad)")
         return reasons
-
-    def forward(self, x: AttentionInputs, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
 
     def info(self) -> dict:
         return {
@@ -83,19 +59,48 @@ class Method:
             "algorithm": self.algorithm,
             "backend": self.backend,
             "devices": list(self.devices),
-            "dtypes": [_dtype_name(d) for d in self.dtypes],
+            "dtypes": [dtype_name(d) for d in self.dtypes],
             "max_head_dim": self.max_head_dim,
-            "time": self.time_complexity,
-            "memory": self.memory_complexity,
             "grad": self.supports_grad,
-            "state": self.supports_state,
-            "varlen": self.supports_varlen,
             "available": self.unavailable_reason() is None,
             "unavailable_reason": self.unavailable_reason(),
         }
 
 
-# ----- shared pieces -----
+class Method(Declared):
+    """One way to compute `attention`. Every method takes an initial state, returns a final state and runs packed
+    sequences (through leetdecoding.segments, or in one call where `native_varlen`)."""
+
+    plain_autograd: bool = False  # differentiated by autograd through its torch ops (no custom backward)
+    native_varlen: bool = False  # forward() takes packed sequences (x.offsets) itself, in one call
+    time_complexity: str = ""
+    memory_complexity: str = ""
+    time_exponent: float = 1.0  # how time grows with N, for the benchmark's time budget
+    # The keyword options forward() takes: the dispatcher gives each a value (leetdecoding.dispatch.options_for),
+    # forward() has no default for them, so that a value lives in one place.
+    options: tuple[str, ...] = ()
+
+    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+        """Peak working memory beyond inputs and output, in bytes."""
+        raise NotImplementedError
+
+    def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
+        return self.capability_reasons(x.device, x.dtype, x.dk, x.dv, x.requires_grad)
+
+    def forward(self, x: AttentionInputs, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {
+            **super().info(),
+            "operation": "attention",
+            "time": self.time_complexity,
+            "memory": self.memory_complexity,
+            "options": list(self.options),
+        }
+
+
+# ----- the buffers a forward fills -----
 
 
 def new_output(x: AttentionInputs) -> torch.Tensor:
@@ -103,92 +108,23 @@ def new_output(x: AttentionInputs) -> torch.Tensor:
 
 
 def output_buffer(q: torch.Tensor, dv: int) -> torch.Tensor:
-    """An uninitialised (B, H, N, Dv) output like q; NaN-filled under tests so an unwritten row shows."""
-    shape = (*q.shape[:3], dv)
+    """An uninitialised (B, H, N, Dv) output like q (see `empty_output`)."""
+    return empty_output((*q.shape[:3], dv), q.dtype, q.device)
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output or gradient buffer; NaN-filled under tests so that an unwritten element shows;
+    on CPU in huge pages where it is large (see hugepages)."""
     if FILL_UNWRITTEN_WITH_NAN:
-        return torch.full(shape, float("nan"), dtype=q.dtype, device=q.device)
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        return hugepages.empty(shape, q.dtype)
-    return torch.empty(shape, dtype=q.dtype, device=q.device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if torch.device(device).type == "cpu" and not torch.compiler.is_compiling():
+        return hugepages.empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
-def head_log_decay(x: AttentionInputs) -> torch.Tensor:
-    """log lambda shaped (1, H, 1, 1) to broadcast over (B, H, N, D)."""
-    return x.log_decay.view(1, -1, 1, 1)
-
-
-def decay_factor(log_decay: torch.Tensor, exponent: torch.Tensor | int = 1) -> torch.Tensor:
-    """lambda^e = exp(e log lambda) for exponents e >= 0 (an int, or a tensor broadcasting against log_decay),
-    in log_decay's dtype, with factors below the dtype's smallest normal number set to exactly 0.
-
-    fp32 is computed in fp64, the product e log lambda included: rounded to fp32 first, an exponent of -44
-    (lambda = 0.5, e = 63) is off by 2.6e-6, and exp turns that into a relative error of 2.6e-6, larger than the
-    fp32 tolerance, in a factor that can be the whole of an output element (o_t = lambda^t when only token 0
-    matches q_t). The factors are small tables; torch's multi-threaded fp32 exp was also measured on this
-    project's CPU machine to return values off by 1.5e-4 now and then, where fp64 stayed exact.
-    Only what the dtype cannot hold as a normal number is flushed: a subnormal factor makes the CPU's arithmetic
-    many times slower and has lost precision anyway, while a larger factor, however small, can still be the
-    whole of an output element. log lambda is the canonical, finite one (`decay.finite_log`), so an exponent 0
-    gives exactly 1, never -inf * 0 = NaN.
-    """
-    wide = log_decay.double() if log_decay.dtype == torch.float32 else log_decay
-    if isinstance(exponent, torch.Tensor):
-        exponent = exponent.to(wide.dtype)
-    f = torch.exp(wide * exponent)
-    f = torch.where(f < torch.finfo(log_decay.dtype).tiny, torch.zeros_like(f), f)
-    return f.to(log_decay.dtype)
-
-
-def decay_powers(log_decay: torch.Tensor, exponents: torch.Tensor, ndim: int = 4) -> torch.Tensor:
-    """lambda^e for non-negative exponents e (n,), shaped (1, H, 1.., n, 1) with `ndim` dims."""
-    mid = (1,) * (ndim - 4)
-    return decay_factor(log_decay.view(1, -1, *mid, 1, 1), exponents.view(1, 1, *mid, -1, 1))
-
-
-# Decay matrices up to this size are remembered by the decay's values (vanilla's mask at short N, the tables of
-# chunked, recursion's leaves, fleet's scan blocks): building one in fp64 took 0.64 ms of a 1.46 ms vanilla call
-# at H=8, N=128. Larger ones are rebuilt: they are a small part of their call, and too large to keep.
-DECAY_MATRIX_MEMO_BYTES = 2 << 20
-_DECAY_MATRICES = ValueMemo(size=8)
-
-
-def causal_decay_matrix(log_decay: torch.Tensor, n: int) -> torch.Tensor:
-    """D[h, t, s] = lambda_h^(t - s) for s <= t, else 0; shaped (1, H, n, n). Shared between calls with the same
-    decay values (see leetdecoding.memo): read it, never modify it in place."""
-    if log_decay.numel() * n * n * log_decay.element_size() > DECAY_MATRIX_MEMO_BYTES:
-        return _causal_decay_matrix(log_decay, n)
-    return _DECAY_MATRICES.derive(log_decay, (n,), lambda ld: _causal_decay_matrix(ld, n))
-
-
-def _causal_decay_matrix(log_decay: torch.Tensor, n: int) -> torch.Tensor:
-    idx = torch.arange(n, device=log_decay.device, dtype=torch.float64)
-    diff = idx[:, None] - idx[None, :]
-    d = decay_factor(log_decay.view(1, -1, 1, 1), diff.clamp(min=0))
-    return d.masked_fill(diff < 0, 0.0)
-
-
-def positions(n: int, x: AttentionInputs, start: int = 0) -> torch.Tensor:
-    return torch.arange(start, start + n, device=x.device, dtype=torch.float64)  # exact past 2^24 tokens
-
-
-def state_contribution(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """sum_s lambda^(n-1-s) k_s^T v_s over the n rows of k (B, H, ..., n, Dk) and v: the state a block leaves."""
-    n = k.shape[-2]
-    e = torch.arange(n - 1, -1, -1, device=k.device, dtype=torch.float64)
-    return (k * decay_powers(log_decay, e, k.ndim)).transpose(-1, -2) @ v
-
-
-def final_state(x: AttentionInputs, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """State after the whole sequence: lambda^N S_init + sum_s lambda^(N-1-s) k_s^T v_s (compute dtype)."""
-    s = state_contribution(k, v, x.log_decay)
-    if x.initial_state is not None:
-        s = s + decay_factor(head_log_decay(x), x.seq_len) * x.initial_state
-    return s
-
-
-def initial_state_output(x: AttentionInputs, q: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """lambda^(t+1) q_t S_init for the rows t = start .. start + n - 1 of q (B, H, n, Dk)."""
-    return (q * decay_powers(x.log_decay, positions(q.shape[2], x, start + 1))) @ x.initial_state
+def zero_states(x: AttentionInputs, rows: int, dk: int | None = None) -> torch.Tensor:
+    """rows zero states (rows, H, dk or Dk, Dv) in the state dtype: the state before any token."""
+    return torch.zeros(rows, x.heads, x.dk if dk is None else dk, x.dv, dtype=x.compute_dtype, device=x.device)
 
 
 def finish(x: AttentionInputs, o: torch.Tensor) -> torch.Tensor:
@@ -219,41 +155,3 @@ def upcast_bytes(x: AttentionInputs) -> int:
     return elem_bytes(x) * x.batch * x.heads * x.seq_len * (2 * x.dk + x.dv)
 
 
-SCAN_BLOCK = 16  # tokens per block of discounted_cumsum; each level up covers SCAN_BLOCK times more
-
-
-def _apply_decay_matrix(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """d @ x for a decay matrix d (1, H, n, n) and x (B, H, ..., n, F).
-
-    A broadcasting `@` copies d for every batch row, group and block: n values per token beside x's F. Where
-    that copy would outweigh x (F < n), one matmul per head over every other axis instead (an einsum, which copies
-    x once); elsewhere the broadcasting matmul, measured faster there.
-    """
-    if x.shape[-1] < d.shape[-1]:
-        return torch.einsum("hts,bh...sf->bh...tf", d[0], x)
-    return d.view(1, d.shape[1], *(1,) * (x.ndim - 4), *d.shape[2:]) @ x
-
-
-def discounted_cumsum(x: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
-    """y_t = lambda_h y_{t-1} + x_t along dim -2 of x (B, H, ..., N, F); y_{-1} = initial (B, H, ..., F) or 0."""
-    n = x.shape[-2]
-    if n <= SCAN_BLOCK:
-        y = _apply_decay_matrix(causal_decay_matrix(log_decay, n), x)
-        if initial is not None:
-            steps = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
-            y = y + decay_powers(log_decay, steps, x.ndim) * initial.unsqueeze(-2)
-        return y
-    nb = math.ceil(n / SCAN_BLOCK)
-    xb = F.pad(x, (0, 0, 0, nb * SCAN_BLOCK - n)).unflatten(-2, (nb, SCAN_BLOCK))
-    y = _apply_decay_matrix(causal_decay_matrix(log_decay, SCAN_BLOCK), xb)
-    # value at the end of each block, then the same scan one level up with lambda^SCAN_BLOCK
-    # (clamped: lambda^SCAN_BLOCK of a tiny lambda overflows its log to -inf, which the next level multiplies by 0)
-    ends = discounted_cumsum(y[..., -1, :], finite_log(log_decay * SCAN_BLOCK), initial)
-    before = ends[..., :-1, :]
-    if initial is not None:
-        before = torch.cat((initial.unsqueeze(-2), before), dim=-2)
-    else:
-        before = F.pad(before, (0, 0, 1, 0))
-    steps = torch.arange(1, SCAN_BLOCK + 1, device=x.device, dtype=x.dtype)
-    y = y + decay_powers(log_decay, steps, xb.ndim) * before.unsqueeze(-2)
-    return y.flatten(-3, -2)[..., :n, :]

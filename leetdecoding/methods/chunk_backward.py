@@ -1,6 +1,6 @@
 """The backward of one chunk of the chunked method, for every (batch row, head) at once, chunks in reverse.
 
-With dO = scale * do, S the state at the chunk's start (recomputed from the piece's saved start state), D the
+With dO = scale * do, S the state at the chunk's start (recomputed from the span's saved start state), D the
 gradient of the state at the chunk's end and D' its gap-weighted twin (leetdecoding.methods.chunked's docstring
 has the derivation), for a chunk of r tokens:
 

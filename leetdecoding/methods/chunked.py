@@ -9,8 +9,8 @@ decay mask; across chunks a carried state S (Dk x Dv) brings in everything befor
 Chunks are processed one at a time, each product batched over every batch row and head
 (leetdecoding.methods.chunk_steps, chunk_backward): working memory is a few chunk-sized buffers, not O(N).
 
-Gradients (a custom backward: the forward keeps only the state at the start of each segment of chunks, and the
-backward recomputes the chunk-start states of one segment at a time, then walks its chunks in reverse):
+Gradients (a custom backward: the forward keeps only the state at the start of each span of chunks, and the
+backward recomputes the chunk-start states of one span at a time, then walks its chunks in reverse):
 with dO = scale * do and D the gradient of the state at a chunk's end (dS_N at the end of the sequence),
 
     dq = ((dO v^T) * M) k + (dO * lambda^(t+1)) S_chunk_start^T
@@ -43,26 +43,19 @@ from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs, compute_dtype_for
 from ..memo import ValueMemo
 from .autograd import twice_differentiable_grads
-from .base import (
-    Method,
-    causal_decay_matrix,
-    decay_factor,
-    decay_powers,
-    elem_bytes,
-    output_buffer,
-    with_margin,
-)
+from .base import Method, elem_bytes, output_buffer, with_margin
 from .chunk_backward import BackwardStep
 from .chunk_steps import ComputeDtypeStep, DifferentiableStep, merges
+from .decay_math import causal_decay_matrix, decay_factor, decay_powers
 
 
-def segment_length(q: torch.Tensor, dv: int, chunk_size: int, segment_bytes: int) -> int:
-    """Tokens per segment: a multiple of the chunk size such that the chunk-start states of a segment, which the
-    backward recomputes into one buffer, fit in `segment_bytes` (at least one chunk). The forward with gradients
-    keeps one state per segment."""
+def span_length(q: torch.Tensor, dv: int, chunk_size: int, span_bytes: int) -> int:
+    """Tokens per span: a multiple of the chunk size such that the chunk-start states of a span, which the
+    backward recomputes into one buffer, fit in `span_bytes` (at least one chunk). The forward with gradients
+    keeps one state per span."""
     batch, heads, _, dk = q.shape
     state_bytes = torch.finfo(compute_dtype_for(q.dtype)).bits // 8 * batch * heads * dk * dv
-    return chunk_size * max(1, segment_bytes // max(state_bytes, 1))
+    return chunk_size * max(1, span_bytes // max(state_bytes, 1))
 
 
 class Decays(NamedTuple):
@@ -94,22 +87,22 @@ def build_decays(log_decay: torch.Tensor, c: int) -> Decays:
     )
 
 
-def pieces(n: int, c: int, seg: int):
+def spans(n: int, c: int, span: int):
     """(start, stop, chunks): runs of whole chunks of c tokens, then the last partial chunk if any (chunks = 0)."""
     out = []
-    for start in range(0, n - n % c, seg):
-        stop = min(n - n % c, start + seg)
+    for start in range(0, n - n % c, span):
+        stop = min(n - n % c, start + span)
         out.append((start, stop, (stop - start) // c))
     if n % c:
         out.append((n - n % c, n, 0))
     return out
 
 
-def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, save_starts):
-    """o (input dtype), the final state, and (if save_starts) the state at the start of every piece.
+def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, save_starts):
+    """o (input dtype), the final state, and (if save_starts) the state at the start of every span.
 
     One chunk at a time for all batch rows and heads at once (leetdecoding.methods.chunk_steps), the state
-    (B*H, Dk, Dv) updated in place; `pieces` only mark where the backward's saved states are taken."""
+    (B*H, Dk, Dv) updated in place; `spans` only mark where the backward's saved states are taken."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     cd = log_decay.dtype
@@ -125,10 +118,10 @@ def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_by
         t is not None and t.requires_grad for t in (q, k, v, log_decay, initial_state)
     )
     kind = DifferentiableStep if differentiable else ComputeDtypeStep
-    for start, stop, chunks in pieces(N, C, segment_length(q, Dv, C, segment_bytes)):
+    for start, stop, chunks in spans(N, C, span_length(q, Dv, C, span_bytes)):
         if save_starts:
             saved.append(state.view(B, H, Dk, Dv).clone())
-        r = C if chunks else stop - start  # tokens per chunk in this piece
+        r = C if chunks else stop - start  # tokens per chunk in this span
         if step is None or step.r != r:
             step = kind(q, k, v, o, decays(log_decay, r), r, scale)
         for s in range(start, stop, r):
@@ -137,10 +130,10 @@ def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_by
 
 
 def chunked_bwd(
-    q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes, decay_grad=True
+    q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, span_bytes, decay_grad=True
 ):
-    """Gradients (dq, dk, dv, d log_decay or None, d initial_state) of chunked_fwd: the pieces in reverse, each
-    piece's chunk-start states recomputed from its saved start state, then its chunks in reverse
+    """Gradients (dq, dk, dv, d log_decay or None, d initial_state) of chunked_fwd: the spans in reverse, each
+    span's chunk-start states recomputed from its saved start state, then its chunks in reverse
     (leetdecoding.methods.chunk_backward). `decay_grad=False` skips the decay's gradient (a fixed decay)."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
@@ -153,15 +146,15 @@ def chunked_bwd(
     gap = torch.zeros_like(grad)  # D': the gap-weighted twin of grad (see the module docstring)
     dq, dk, dv = (output_buffer(t, t.shape[-1]) for t in (q, k, v))
     d_log = torch.zeros(B * H, dtype=torch.float64, device=q.device)
-    plan = pieces(N, C, segment_length(q, Dv, C, segment_bytes))
+    plan = spans(N, C, span_length(q, Dv, C, span_bytes))
     starts = torch.empty(max([chunks for *_, chunks in plan] + [1]), B * H, Dk, Dv, dtype=cd, device=q.device)
     step = None
-    for (start, stop, chunks), piece_start in zip(reversed(plan), reversed(saved)):
+    for (start, stop, chunks), span_start in zip(reversed(plan), reversed(saved)):
         r = C if chunks else stop - start
         if step is None or step.r != r:
             step = BackwardStep(q, k, v, do, (dq, dk, dv), decays(log_decay, r), r, scale, decay_grad)
         g = max(chunks, 1)
-        starts[0].copy_(piece_start.reshape(B * H, Dk, Dv))
+        starts[0].copy_(span_start.reshape(B * H, Dk, Dv))
         for c in range(g - 1):
             step.state_after(starts[c], start + c * r, starts[c + 1])
         for c in reversed(range(g)):
@@ -177,28 +170,28 @@ def chunked_bwd(
 
 class ChunkedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, segment_bytes):
-        o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, True)
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, span_bytes):
+        o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, True)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
-        ctx.args = (scale, chunk_size, segment_bytes)
+        ctx.args = (scale, chunk_size, span_bytes)
         return o, final
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx, do, d_final):
         q, k, v, log_decay, initial_state, *saved = ctx.saved_tensors
-        scale, chunk_size, segment_bytes = ctx.args
+        scale, chunk_size, span_bytes = ctx.args
         if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
 
             def forward(q, k, v, log_decay, initial_state):
-                return chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, segment_bytes, False)[:2]
+                return chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, False)[:2]
 
             grads = twice_differentiable_grads(
                 forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
             )
             return *grads, None, None, None
         dq, dk, dv, dg, ds0 = chunked_bwd(
-            q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, segment_bytes,
+            q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, span_bytes,
             decay_grad=ctx.needs_input_grad[3],
         )
         return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None
@@ -209,13 +202,9 @@ class Chunked(Method):
     algorithm = "block-based / Lightning Attention-2: exact intra-chunk block + carried state"
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv + C^2)"
-    options = {"chunk_size": 64, "segment_bytes": 8 << 20}
+    options = ("chunk_size", "span_bytes")
 
-    def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
-        c = min(chunk_size, max(x.seq_len, 1))
-        return 2.0 * x.batch * x.heads * x.seq_len * (c * (x.dk + x.dv) + 2 * x.dk * x.dv)
-
-    def extra_memory_bytes(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **o) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, span_bytes: int) -> int:
         c = max(1, min(chunk_size, x.seq_len))
         # the forward's buffers (leetdecoding.methods.chunk_steps), for a chunk and, while the last partial chunk's
         # are made, those too: scores, decayed q and k, output; chunk copies of inputs that are not compute-dtype
@@ -225,18 +214,18 @@ class Chunked(Method):
         copied = sum(d for t, d in inputs if t.dtype != x.compute_dtype or not merges(t))
         per_head = steps * (c * c + c * (2 * x.dk + x.dv) + c * copied) + 2 * x.dk * x.dv  # + the state and a copy
         if x.requires_grad:
-            seg = min(segment_length(x.q, x.dv, c, segment_bytes), -(-x.seq_len // c) * c)
-            per_head += -(-x.seq_len // max(seg, 1)) * x.dk * x.dv  # the states kept for the backward (none at N = 0)
-            # the backward (leetdecoding.methods.chunk_backward): a segment's recomputed chunk-start states, D and
+            span = min(span_length(x.q, x.dv, c, span_bytes), -(-x.seq_len // c) * c)
+            per_head += -(-x.seq_len // max(span, 1)) * x.dk * x.dv  # the states kept for the backward (none at N = 0)
+            # the backward (leetdecoding.methods.chunk_backward): a span's recomputed chunk-start states, D and
             # D'; per chunk step: scores, their gradient and the decay's pair terms, ten chunk-sized buffers for
             # decayed inputs, products and gradients, chunk copies of q, k, v and dO
-            per_head += (seg // c + 2) * x.dk * x.dv
+            per_head += (span // c + 2) * x.dk * x.dv
             per_head += steps * (3 * c * c + c * (6 * x.dk + 4 * x.dv) + c * (copied + x.dv))
         tables = 3 * x.heads * c * c * 8  # building a chunk's decay tables: a few (H, C, C) fp64 temporaries
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head + tables)
 
-    def forward(self, x: AttentionInputs, chunk_size: int = 64, segment_bytes: int = 8 << 20, **options):
-        args = (x.scale, chunk_size, segment_bytes)
+    def forward(self, x: AttentionInputs, *, chunk_size: int, span_bytes: int):
+        args = (x.scale, chunk_size, span_bytes)
         if x.requires_grad:
             o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args)
         else:  # nothing saved

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
-from .base import SCAN_BLOCK, Method, discounted_cumsum, elem_bytes, finish, with_margin
+from .base import Method, elem_bytes, finish, with_margin, zero_states
+from .decay_math import SCAN_BLOCK, discounted_cumsum
 
 
 def group_size(x: AttentionInputs, budget_bytes: int) -> int:
@@ -28,12 +29,9 @@ class Fleet(Method):
     memory_complexity = "O(N Dv)"
     # autograd through the rank-one scans would keep every P_d: O(N Dk Dv) memory, so no gradients
     supports_grad = False
-    options = {"budget_bytes": 64 << 20}
+    options = ("budget_bytes",)
 
-    def flops(self, x: AttentionInputs, **options) -> float:
-        return 2.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv * (SCAN_BLOCK + 3)
-
-    def extra_memory_bytes(self, x: AttentionInputs, budget_bytes: int = 64 << 20, **options) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs, *, budget_bytes: int) -> int:
         # per term of a group, (N + SCAN_BLOCK) Dv values each: k_d v, its padded blocks, the blocks' scan, the
         # carried ends times their decay, and the sum (5); beside them the output and the next output (N Dv each)
         # and the group's k and q (N each); measured at 7.1 of these units with one term per group
@@ -43,7 +41,7 @@ class Fleet(Method):
         per_token = e * bh * x.seq_len * (2 * x.dv + 2 * g + upcast_v)
         return with_margin(terms + per_token + 2 * e * bh * x.dk * x.dv)
 
-    def forward(self, x: AttentionInputs, budget_bytes: int = 64 << 20, **options):
+    def forward(self, x: AttentionInputs, *, budget_bytes: int):
         cd = x.compute_dtype
         B, H, N = x.batch, x.heads, x.seq_len
         v = x.v.to(cd).unsqueeze(2)  # (B, H, 1, N, Dv)
@@ -67,4 +65,4 @@ class Fleet(Method):
 def _initial_rows(x: AttentionInputs, d0: int, d1: int) -> torch.Tensor:
     if x.initial_state is not None:
         return x.initial_state[:, :, d0:d1].clone()
-    return torch.zeros(x.batch, x.heads, d1 - d0, x.dv, dtype=x.compute_dtype, device=x.device)
+    return zero_states(x, x.batch, d1 - d0)

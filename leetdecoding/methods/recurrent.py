@@ -12,7 +12,8 @@ from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs
 from ..memo import ValueMemo, tracing
 from .autograd import twice_differentiable_grads
-from .base import Method, decay_factor, elem_bytes, output_buffer, with_margin
+from .base import Method, elem_bytes, output_buffer, with_margin
+from .decay_math import decay_factor
 
 _FACTORS = ValueMemo()
 
@@ -178,16 +179,13 @@ class Recurrent(Method):
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(Dk Dv)"
 
-    def flops(self, x: AttentionInputs, **options) -> float:
-        return 4.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv
-
-    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs) -> int:
         per_head = 3 * x.dk * x.dv + 2 * (x.dk + x.dv)  # zeros, the update buffer and the final clone; a token
         if x.requires_grad:  # saved states for the backward, and one stretch of recomputed states in it
             per_head += (x.seq_len // CHECKPOINT_EVERY + 1 + CHECKPOINT_EVERY) * x.dk * x.dv
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head)
 
-    def forward(self, x: AttentionInputs, **options):
+    def forward(self, x: AttentionInputs):
         if x.requires_grad:
             o, state = RecurrentFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale)
         else:

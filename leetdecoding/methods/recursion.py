@@ -13,17 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..inputs import AttentionInputs
-from .base import (
-    Method,
-    causal_decay_matrix,
-    decay_powers,
-    elem_bytes,
-    final_state,
-    finish,
-    initial_state_output,
-    state_contribution,
-    with_margin,
-)
+from .base import Method, elem_bytes, finish, with_margin
+from .decay_math import causal_decay_matrix, decay_powers, final_state, initial_state_output, state_contribution
 
 LEAF = 32  # tokens per leaf; the original recursed down to 4, where Python overhead dominates
 
@@ -40,13 +31,7 @@ class Recursion(Method):
     memory_complexity = "O(N Dv + N Dk Dv / 64)"
     time_exponent = 1.1
 
-    def flops(self, x: AttentionInputs, **options) -> float:
-        p = padded_length(x.seq_len)
-        levels = int(math.log2(p // LEAF))
-        leaves = 2.0 * p * LEAF * (x.dk + x.dv)
-        return x.batch * x.heads * (leaves + levels * 2.0 * p * x.dk * x.dv)
-
-    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs) -> int:
         p = padded_length(x.seq_len)
         per_head = p * (2 * x.dk + 3 * x.dv + 2 * LEAF) + 2 * (p // (2 * LEAF)) * x.dk * x.dv
         if x.requires_grad:  # autograd keeps each level's decayed right-half queries and outputs, and the leaves'
@@ -54,7 +39,7 @@ class Recursion(Method):
             per_head += levels * p * (2 * x.dk + x.dv) // 2 + 2 * p * LEAF  # measured: about p * Dk per level
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head)
 
-    def forward(self, x: AttentionInputs, **options):
+    def forward(self, x: AttentionInputs):
         cd = x.compute_dtype
         N = x.seq_len
         P = padded_length(N)

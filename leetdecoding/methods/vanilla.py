@@ -3,16 +3,8 @@
 from __future__ import annotations
 
 from ..inputs import AttentionInputs
-from .base import (
-    Method,
-    causal_decay_matrix,
-    elem_bytes,
-    final_state,
-    finish,
-    initial_state_output,
-    upcast_bytes,
-    with_margin,
-)
+from .base import Method, elem_bytes, finish, upcast_bytes, with_margin
+from .decay_math import causal_decay_matrix, final_state, initial_state_output
 
 
 class Vanilla(Method):
@@ -23,10 +15,7 @@ class Vanilla(Method):
     memory_complexity = "O(N^2)"
     time_exponent = 2.0
 
-    def flops(self, x: AttentionInputs, **options) -> float:
-        return 2.0 * x.batch * x.heads * x.seq_len**2 * (x.dk + x.dv)
-
-    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs) -> int:
         # Counted from forward (bench/memory.py measures it: benchmarks/memory_estimates.py). While the decay
         # mask is built, Q K^T (B H N^2) is alive beside the index differences and their clamped copy (fp64,
         # N^2 each) and decay_factor's tables per head: the exponent (compute dtype), exp and its zeros and where
@@ -42,7 +31,7 @@ class Vanilla(Method):
         # the output in the compute dtype, the initial state's term and their sum, and upcast q, k, v
         return with_margin(matrices + 3 * e * bh * x.seq_len * x.dv + upcast_bytes(x))
 
-    def forward(self, x: AttentionInputs, **options):
+    def forward(self, x: AttentionInputs):
         cd = x.compute_dtype
         q, k, v = x.q.to(cd), x.k.to(cd), x.v.to(cd)
         scores = (q @ k.transpose(-1, -2)) * causal_decay_matrix(x.log_decay, x.seq_len)

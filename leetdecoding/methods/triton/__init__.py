@@ -62,23 +62,19 @@ class TritonChunked(TritonMethod):
     native_varlen = True  # one launch for all packed sequences (a program per sequence and head)
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv)"  # the state stays on chip; the backward stores no per-chunk states
-    options = {"chunk_size": 64, "precision": "accurate"}
-
-    def flops(self, x: AttentionInputs, chunk_size: int = 64, **options) -> float:
-        c = min(chunk_size, max(x.seq_len, 1))
-        return 2.0 * x.batch * x.heads * x.seq_len * (c * (x.dk + x.dv) + 2 * x.dk * x.dv)
+    options = ("chunk_size", "precision")
 
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
         return self._state_bytes(x)
 
-    def forward(self, x: AttentionInputs, chunk_size: int = 64, precision: str = "accurate", **options):
+    def forward(self, x: AttentionInputs, *, chunk_size: int, precision: str):
         if chunk_size not in (16, 32, 64, 128):
             raise ValueError(f"triton_chunked: chunk_size must be 16, 32, 64 or 128; got {chunk_size}.")
         from . import ops
 
-        cu = x.cu_seqlens_tensor  # the caller's offsets where they already are on the device, else a copy
-        if x.cu_seqlens is not None and (cu is None or cu.device != x.device):
-            cu = torch.tensor(x.cu_seqlens, dtype=torch.int64, device=x.device)
+        cu = x.cu_seqlens  # the caller's offsets where they already are on the device, else a copy
+        if x.offsets is not None and (cu is None or cu.device != x.device):
+            cu = torch.tensor(x.offsets, dtype=torch.int64, device=x.device)
         o, final = ops.chunked_fwd(
             x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state, chunk_size, precision, cu
         )
@@ -91,13 +87,10 @@ class TritonRecurrent(TritonMethod):
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(Dk Dv)"
 
-    def flops(self, x: AttentionInputs, **options) -> float:
-        return 4.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv
-
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
         return self._state_bytes(x)
 
-    def forward(self, x: AttentionInputs, **options):
+    def forward(self, x: AttentionInputs):
         from . import ops
 
         o, final = ops.recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
@@ -111,15 +104,12 @@ class TritonFleet(TritonMethod):
     memory_complexity = "O(N Dv)"
     time_exponent = 1.0
 
-    def flops(self, x: AttentionInputs, **options) -> float:
-        return 2.0 * x.batch * x.heads * x.seq_len * x.dk * x.dv * (16 + 3)
-
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
         # an fp32 accumulator for the output when Dk spans several blocks of 16
         acc = elem_bytes(x) * x.batch * x.heads * x.seq_len * x.dv if x.dk > 16 else 0
         return acc + self._state_bytes(x)
 
-    def forward(self, x: AttentionInputs, **options):
+    def forward(self, x: AttentionInputs):
         from . import ops
 
         o, final = ops.fleet_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
