@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import namedtuple
 from collections.abc import Sequence
 
@@ -151,49 +152,42 @@ def decode_step(
     return dispatch.choose_decode(d, method).method.step(d)
 
 
+def _arguments(function, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call to `function` by name, defaults filled in (TypeError as Python's for a bad call)."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 @without_autocast
-def explain(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    decay: float | torch.Tensor | None = None,
-    *,
-    log_decay: float | torch.Tensor | None = None,
-    scale: float = 1.0,
-    method: str | Sequence[str] = "auto",
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    state_checkpoints: Sequence[int] | torch.Tensor | None = None,
-) -> Explanation:
+def explain(*args, **kwargs) -> Explanation:
     """Which method `attention` would use for these inputs, why, and why each other method is not used.
 
     Takes `attention`'s arguments and raises its TypeError / ValueError for invalid inputs; a refusal of every
     method is reported, not raised. Prints as a readable report; the fields (`method`, `options`, `reason`,
     `refusals`) are there for code.
     """
-    x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints)
-    return dispatch.explain(x, method)
+    a = _arguments(attention, args, kwargs)
+    x = validate(*(a[n] for n in _VALIDATED))
+    return dispatch.explain(x, a["method"])
 
 
 @without_autocast
-def explain_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    decay: float | torch.Tensor | None = None,
-    *,
-    log_decay: float | torch.Tensor | None = None,
-    scale: float = 1.0,
-    out_state: torch.Tensor | None = None,
-    method: str | Sequence[str] = "auto",
-) -> Explanation:
+def explain_decode(*args, **kwargs) -> Explanation:
     """Which decode method `decode_step` would use for this step, why, and why each other one is not used.
 
     Takes `decode_step`'s arguments and raises its TypeError / ValueError for invalid inputs.
     """
-    return dispatch.explain_decode(_decode_inputs(q, k, v, state, decay, log_decay, scale, out_state), method)
+    a = _arguments(decode_step, args, kwargs)
+    d = _decode_inputs(*(a[n] for n in ("q", "k", "v", "state", "decay", "log_decay", "scale", "out_state")))
+    return dispatch.explain_decode(d, a["method"])
+
+
+# explain and explain_decode take the arguments of the call they explain: help() shows them
+explain.__signature__ = inspect.signature(attention).replace(return_annotation=Explanation)
+explain_decode.__signature__ = inspect.signature(decode_step).replace(return_annotation=Explanation)
+_VALIDATED = ("q", "k", "v", "decay", "log_decay", "scale", "initial_state", "output_final_state", "cu_seqlens",
+              "state_checkpoints")  # fmt: skip
 
 
 def list_methods() -> list[dict]:

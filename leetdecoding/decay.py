@@ -199,12 +199,20 @@ def finite_log(log: torch.Tensor) -> torch.Tensor:
 
 
 def from_decay(decay) -> torch.Tensor:
-    """lambda in (0, 1] -> log lambda, fp32 (a new tensor: the caller may modify it)."""
+    """lambda in (0, 1] (a float or an (H,) tensor) -> log lambda, fp32 (a new tensor: the caller may modify it).
+
+    Raises:
+        TypeError: decay is not a real number or tensor. ValueError: a value outside (0, 1] or not finite.
+    """
     return _canonical(decay, None, _heads(decay), torch.device("cpu"), torch.float32)
 
 
 def from_rate(rate) -> torch.Tensor:
-    """A rate s >= 0 with lambda = exp(-s) (LeetDecoding's `is_need_exp`, MiniMax slopes) -> log lambda = -s."""
+    """A rate s >= 0 with lambda = exp(-s) (LeetDecoding's `is_need_exp`, MiniMax slopes) -> log lambda = -s, fp32.
+
+    Raises:
+        TypeError: rate is not a real number or tensor. ValueError: a negative or non-finite rate.
+    """
     s = _as_float_tensor("rate", rate)
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise ValueError(f"rate must be finite and >= 0 (lambda = exp(-rate)); got {s.flatten().tolist()[:4]}.")
@@ -238,6 +246,9 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
     For a power of two n the slopes are 2^(-8/n * (h+1)); otherwise the closest lower power of two's slopes
     followed by every other slope of twice that power.
+
+    Raises:
+        ValueError: num_heads is not a positive int.
     """
     n = _check_heads(num_heads)
 
@@ -263,6 +274,9 @@ def minimax_rates(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tens
     """The per-layer slope rates of transformers' MiniMaxLightningAttention.get_slope_rate, shape (H,), fp32.
 
     rate_h = (2^(-8/H))^(h+1) * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5); lambda = exp(-rate).
+
+    Raises:
+        ValueError: num_heads or num_layers not a positive int, layer_idx outside [0, num_layers).
     """
     h = _check_heads(num_heads)
     _check_layer(layer_idx, num_layers)
@@ -278,7 +292,11 @@ def minimax(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
 
 
 def retnet(num_heads: int) -> torch.Tensor:
-    """log lambda for RetNet's gammas 1 - 2^(-5-h), h = 0..H-1 (computed with log1p, exact near 1)."""
+    """log lambda for RetNet's gammas 1 - 2^(-5-h), h = 0..H-1 (computed with log1p, exact near 1), (H,) fp32.
+
+    Raises:
+        ValueError: num_heads is not a positive int.
+    """
     h = torch.arange(_check_heads(num_heads), dtype=torch.float64)
     return torch.log1p(-(2.0 ** (-5.0 - h))).to(torch.float32)
 
@@ -287,6 +305,9 @@ def lightning(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
     """log lambda of TransNormerLLM / fla's lightning attention: -slope * (1 - layer_idx / (L - 1) + 1e-5).
 
     With one layer (L = 1, where the source formula divides by zero) the factor is 1 + 1e-5.
+
+    Raises:
+        ValueError: num_heads or num_layers not a positive int, layer_idx outside [0, num_layers).
     """
     _check_layer(layer_idx, num_layers)
     factor = 1 + 1e-5 if num_layers == 1 else 1 - layer_idx / (num_layers - 1) + 1e-5

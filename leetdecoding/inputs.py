@@ -6,7 +6,7 @@ Methods receive an `AttentionInputs` and trust it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,16 @@ class AttentionInputs:
     offsets: list[int] | None = None
     checkpoints: list[int] | None = None  # also return the state after each of these many tokens
     cu_seqlens: torch.Tensor | None = None
+    # the sizes, read from q and v once
+    batch: int = field(init=False)
+    heads: int = field(init=False)
+    seq_len: int = field(init=False)
+    dk: int = field(init=False)
+    dv: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batch, self.heads, self.seq_len, self.dk = self.q.shape
+        self.dv = self.v.shape[3]
 
     @property
     def num_sequences(self) -> int:
@@ -63,26 +73,6 @@ class AttentionInputs:
             initial_state=initial_state,
             output_final_state=output_final_state,
         )
-
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def seq_len(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def dk(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def dv(self) -> int:
-        return self.v.shape[3]
 
     @property
     def dtype(self) -> torch.dtype:

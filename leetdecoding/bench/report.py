@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..methods import REGISTRY
+from ..methods.decode import DECODE_REGISTRY
 from .check import CheckResult
 
 STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
@@ -15,8 +16,8 @@ def _yes(flag: bool) -> str:
 
 
 def availability(name: str, device: str) -> str:
-    """"available here", or why the method cannot run on `device` in this process."""
-    m = REGISTRY[name]
+    """"available here", or why the method (an attention or decode method) cannot run on `device` here."""
+    m = REGISTRY[name] if name in REGISTRY else DECODE_REGISTRY[name]
     missing = m.unavailable_reason()
     if missing:
         return missing
@@ -28,13 +29,13 @@ def availability(name: str, device: str) -> str:
 def methods_table(methods: list[dict], device: str) -> Table:
     """One row per method of `leetdecoding.list_methods()`."""
     t = Table(title=f"methods (device: {device})")
-    for col in ("method", "backend", "devices", "dtypes", "time", "memory", "grad/state/varlen", "here"):
+    for col in ("method", "for", "backend", "devices", "dtypes", "time", "memory", "grad", "here"):
         t.add_column(col, overflow="fold")
     for m in methods:
         here = availability(m["name"], device)
         t.add_row(
-            m["name"], m["backend"], ", ".join(m["devices"]), ", ".join(m["dtypes"]), m["time"], m["memory"],
-            "/".join(_yes(m[k]) for k in ("grad", "state", "varlen")),
+            m["name"], m["operation"], m["backend"], ", ".join(m["devices"]), ", ".join(m["dtypes"]), m["time"],
+            m["memory"], _yes(m["grad"]),
             f"[green]{here}[/]" if here == "available here" else f"[yellow]{here}[/]",
         )
     return t
