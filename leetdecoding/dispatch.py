@@ -390,8 +390,8 @@ def record_choices() -> Iterator[list[Choice]]:
     lists.append(made)
     try:
         yield made
-    finally:
-        lists.remove(made)
+    finally:  # by identity: list.remove compares by value, and a nested block may have recorded the same choices
+        del lists[next(i for i, m in enumerate(lists) if m is made)]
 
 
 def _made(choice: Choice) -> Choice:

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decay as _decay
-from .api import attention, decode_step
-from .inputs import check_state_dtype
+from .layers import attend, gated_output, split_heads, zero_padding  # noqa: F401 (zero_padding: its old home)
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -28,12 +27,6 @@ ACTIVATIONS = {
 }
 # buffers of MiniMaxLightningAttention that are derived from slope_rate and have no counterpart here
 _MINIMAX_DERIVED = ("query_decay", "key_decay", "diagonal_decay")
-
-
-def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x with the positions where `mask` (0/1 or bool, broadcasting against x) is 0 set to exactly 0. Not x * mask:
-    a NaN or inf in a padded position would survive it (0 x NaN = NaN) and spread through the state."""
-    return x.masked_fill(mask == 0, 0.0)
 
 
 class LinearAttentionCache:
@@ -94,6 +87,9 @@ class DecayingLinearAttention(nn.Module):
     Decay: `log_decay` (H,) if given, else MiniMax's per-layer slopes for (layer_idx, num_layers); any converter
     of `leetdecoding.decay` gives a valid `log_decay`; `learnable_decay=True` makes it a parameter. `activate_v=True`
     applies the activation to v as MiniMax does; False applies it to q and k only.
+
+    Raises:
+        ValueError: an unknown `activation`, or a `log_decay` > 0 or not of shape (num_heads,).
     """
 
     def __init__(
@@ -150,54 +146,45 @@ class DecayingLinearAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, N, hidden). With a cache: continue from its state for this layer (or start one) and
-        store the new state. attention_mask (B, N) of 0/1 zeroes padded tokens' q, k, v as MiniMax does."""
-        b, n, _ = hidden_states.shape
-        h, d = self.num_heads, self.head_dim
-        qkv = self.qkv_proj(hidden_states)
-        act = ACTIVATIONS[self.activation]
-        if self.activate_v:
-            qkv = act(qkv)
-        qkv = qkv.view(b, n, h, 3 * d)
-        if not self.activate_v:
-            qkv = torch.cat((act(qkv[..., : 2 * d]), qkv[..., 2 * d :]), dim=-1)
-        if attention_mask is not None:
-            qkv = zero_padding(qkv, attention_mask[:, :, None, None])
-        q, k, v = (t.transpose(1, 2) for t in qkv.split(d, dim=3))  # (B, H, N, D) views
+        store the new state; one token after a cached state is a `decode_step` that updates the state in place
+        when no gradient is needed. attention_mask (B, N) of 0/1 zeroes padded tokens' q, k, v as MiniMax does.
+        The core is `leetdecoding.layers`; `leetdecoding.record_choices()` around a call tells the methods used.
+
+        Raises:
+            TypeError: the cache's state for this layer is not fp32 (fp64 for an fp64 layer); never cast.
+            TypeError / ValueError / MethodRefusedError: as `leetdecoding.attention` and `decode_step`.
+        """
+        q, k, v = split_heads(
+            self.qkv_proj(hidden_states),
+            self.num_heads,
+            self.head_dim,
+            ACTIVATIONS[self.activation],
+            activate_v=self.activate_v,
+            attention_mask=attention_mask,
+        )
         log_decay = self.log_decay.clamp(max=0.0) if self.log_decay.requires_grad else self.log_decay
-        state = cache.get(self.layer_idx) if cache is not None else None
-        if state is not None:
-            check_state_dtype(f"the cache's state of layer {self.layer_idx}", state, q.dtype)
-        if cache is not None and state is not None and n == 1 and not torch.is_grad_enabled():
-            o, state = decode_step(
-                q[:, :, 0], k[:, :, 0], v[:, :, 0], state, log_decay=log_decay, scale=self.scale, out_state=state
-            )
-            o = o.unsqueeze(1)  # (B, 1, H, D)
-        else:
-            result = attention(
-                q,
-                k,
-                v,
-                log_decay=log_decay,
-                scale=self.scale,
-                method=self.method,
-                initial_state=state,
-                output_final_state=cache is not None,
-            )
-            o, state = result if cache is not None else (result, None)
-            o = o.transpose(1, 2)  # (B, N, H, D)
+        o, state = attend(
+            q,
+            k,
+            v,
+            cache.get(self.layer_idx) if cache is not None else None,
+            log_decay=log_decay,
+            scale=self.scale,
+            method=self.method,
+            keep_state=cache is not None,
+            state_name=f"the cache's state of layer {self.layer_idx}",
+        )
         if cache is not None:
-            cache.update(self.layer_idx, state, n)
-        o = o.reshape(b, n, h * d)
-        if self.norm is not None:
-            # normalised in fp32 for half-precision models, as MiniMax does
-            if o.element_size() < 4:
-                w = self.norm.weight.float()
-                o = F.rms_norm(o.float(), self.norm.normalized_shape, w, self.norm.eps).to(o.dtype)
-            else:
-                o = self.norm(o)
-        if self.output_gate is not None:
-            o = torch.sigmoid(self.output_gate(hidden_states)) * o
-        return self.out_proj(o)
+            cache.update(self.layer_idx, state, hidden_states.shape[1])
+        norm = self._norm if self.norm is not None else None
+        return gated_output(o, hidden_states, norm, self.output_gate, self.out_proj)
+
+    def _norm(self, o: torch.Tensor) -> torch.Tensor:
+        """self.norm, computed in fp32 for half-precision models as MiniMax does."""
+        if o.element_size() >= 4:
+            return self.norm(o)
+        w = self.norm.weight.float()
+        return F.rms_norm(o.float(), self.norm.normalized_shape, w, self.norm.eps).to(o.dtype)
 
 
 def _from_minimax_buffers(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):

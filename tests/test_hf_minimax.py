@@ -14,9 +14,12 @@ pytest.importorskip("transformers")
 from transformers import MiniMaxConfig, MiniMaxForCausalLM  # noqa: E402
 from transformers.models.minimax.modeling_minimax import MiniMaxCache, MiniMaxLightningAttention  # noqa: E402
 
+import leetdecoding as ld  # noqa: E402
 from leetdecoding import dispatch  # noqa: E402
 from leetdecoding.integrations import hf_minimax  # noqa: E402
 from leetdecoding.integrations.hf_minimax import LeetMiniMaxCache  # noqa: E402
+
+from .reference import reference_closed_form  # noqa: E402
 
 FULL, LINEAR = "full_attention", "linear_attention"
 VOCAB = 128
@@ -120,7 +123,8 @@ def test_greedy_and_beam_search_token_identical(model):
     assert torch.equal(greedy, ref_greedy) and torch.equal(beam, ref_beam)
     assert report.patched == ["model.layers.1.self_attn", "model.layers.3.self_attn"]
     assert set(report.layers[0].calls) == {"prefill", "decode"}
-    assert report.layers[0].calls["decode"] == {"decode_step": 2 * 11}  # two generate calls, 11 steps after prefill
+    # two generate calls, 11 steps after prefill, each a decode_step whose dispatcher chose the torch step on a CPU
+    assert report.layers[0].calls["decode"] == {"recurrent_step": 2 * 11}
 
 
 def test_continuation_equals_one_forward(patched):
@@ -268,3 +272,63 @@ def test_report_and_errors(model):
     finally:
         hf_minimax.unpatch(model)
     assert not hf_minimax.report(model).patched
+
+
+def fp64_layer_reference(m, x, initial_state=None):
+    """A MiniMaxLightningAttention whose norm is an identity, by the fp64 closed form (differentiable): its output
+    and final state."""
+    b, n, _ = x.shape
+    h, d = m.num_attention_heads, m.head_dim
+    q, k, v = m.act_fn(m.qkv_proj(x)).view(b, n, h, 3, d).permute(3, 0, 2, 1, 4)  # per head [q | k | v]
+    o, state = reference_closed_form(q, k, v, -m.slope_rate.reshape(-1), initial_state)
+    return m.out_proj(torch.sigmoid(m.output_gate(x)) * o.transpose(1, 2).reshape(b, n, h * d)), state
+
+
+def test_decode_goes_through_decode_step_in_place_and_equals_one_call():
+    """A prefill and then one token at a time through the patched layer equal the fp64 reference of one call over
+    the whole text (MiniMaxRMSNorm, which normalises in fp32, replaced by an identity); every token after the prefill
+    is a `decode_step` (recorded by the dispatcher, counted by the report) that writes the cached state in place."""
+    m = make_model([LINEAR]).model.layers[0].self_attn.double()
+    m.norm = torch.nn.Identity()
+    x = torch.randn(2, 45, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref, ref_state = fp64_layer_reference(m, x)
+        hf_minimax.patch(m)
+        try:
+            cache = MiniMaxCache()
+            with ld.record_choices() as made:
+                parts = [m(x[:, :40], None, None, cache=cache)[0]]
+                state = cache.linear_cache[0]
+                parts += [m(x[:, t : t + 1], None, None, cache=cache)[0] for t in range(40, 45)]
+            calls = hf_minimax.report(m).layers[0].calls
+        finally:
+            hf_minimax.unpatch(m)
+    assert rel_err(torch.cat(parts, 1), ref) <= 1e-12 and rel_err(cache.linear_cache[0], ref_state) <= 1e-12
+    assert [c.operation for c in made] == ["attention"] + ["decode_step"] * 5
+    assert calls == {"prefill": {made[0].method.name: 1}, "decode": {made[-1].method.name: 5}}
+    assert cache.linear_cache[0] is state and state.dtype == torch.float64  # one buffer, updated in place
+
+
+def test_decode_with_gradients_leaves_the_cached_state_and_matches_the_reference():
+    """With autograd on, a decode step returns a new state (the one backward needs is not overwritten), and the
+    gradient through one decoded token equals the fp64 reference's."""
+    m = make_model([LINEAR]).model.layers[0].self_attn.double()
+    m.norm = torch.nn.Identity()
+    x = torch.randn(1, 9, 64, dtype=torch.float64)
+    with torch.no_grad():
+        prefill_state = fp64_layer_reference(m, x[:, :8])[1]
+    fp64_layer_reference(m, x[:, 8:], prefill_state)[0].sum().backward()
+    expected = m.qkv_proj.weight.grad.clone()
+    m.zero_grad()
+    hf_minimax.patch(m)
+    try:
+        cache = MiniMaxCache()
+        with torch.no_grad():
+            m(x[:, :8], None, None, cache=cache)
+        prior = cache.linear_cache[0]
+        kept = prior.clone()
+        m(x[:, 8:], None, None, cache=cache)[0].sum().backward()
+    finally:
+        hf_minimax.unpatch(m)
+    assert cache.linear_cache[0] is not prior and torch.equal(prior, kept)
+    assert rel_err(m.qkv_proj.weight.grad, expected) <= 1e-12

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import leetdecoding as ld
 from leetdecoding.nn import DecayingLinearAttention, LinearAttentionCache
+
+from .reference import reference_closed_form
 
 
 def layer(**kw):
@@ -81,3 +84,39 @@ def test_other_decay_conventions_and_errors():
         DecayingLinearAttention(32, 4, activation="gelu")
     with pytest.raises(ValueError, match="log_decay must be <= 0"):
         DecayingLinearAttention(32, 4, log_decay=torch.ones(4))
+
+
+def test_one_token_after_a_cache_is_a_decode_step_in_place():
+    m = layer()
+    x = torch.randn(2, 12, 48, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)
+        cache = LinearAttentionCache()
+        first = m(x[:, :11], cache=cache)
+        state = cache.get(1)
+        with ld.record_choices() as made:
+            last = m(x[:, 11:], cache=cache)
+    assert [c.operation for c in made] == ["decode_step"]
+    assert cache.get(1) is state and cache.get_seq_length(1) == 12  # the one buffer, written in place
+    assert torch.allclose(torch.cat([first, last], 1), full, rtol=1e-10, atol=1e-12)
+
+
+def test_decode_with_gradients_matches_the_reference():
+    """With autograd on, one token after a cached state is a decode step that leaves the cached state as it was and
+    gives the fp64 closed form's gradients, a learnable decay's included."""
+    m = layer(learnable_decay=True, use_norm=False)
+    x = torch.randn(1, 9, 48, dtype=torch.float64)
+    cache = LinearAttentionCache()
+    with torch.no_grad():
+        m(x[:, :8], cache=cache)
+    state = cache.get(1)
+    kept = state.clone()
+    m(x[:, 8:], cache=cache).sum().backward()
+    got = [p.grad.clone() for p in (m.log_decay, m.qkv_proj.weight)]
+    assert cache.get(1) is not state and torch.equal(state, kept)
+    m.zero_grad()
+    q, k, v = F.silu(m.qkv_proj(x[:, 8:])).view(1, 1, 4, 3, 16).permute(3, 0, 2, 1, 4)  # per head [q | k | v]
+    o = reference_closed_form(q, k, v, m.log_decay, state)[0].transpose(1, 2).reshape(1, 1, 64)
+    m.out_proj(torch.sigmoid(m.output_gate(x[:, 8:])) * o).sum().backward()
+    for g, p in zip(got, (m.log_decay, m.qkv_proj.weight)):
+        assert torch.allclose(g, p.grad, rtol=1e-10, atol=1e-12)
