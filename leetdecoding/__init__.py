@@ -8,7 +8,7 @@
 
 from . import decay
 from .api import attention, decode_step, explain, explain_decode, list_methods
-from .dispatch import MethodRefusedError, record_choices
+from .choice import MethodRefusedError, record_choices
 from .original import causal_linear_decoder
 
 __version__ = "0.1.0"

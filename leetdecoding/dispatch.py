@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import math
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 
 from . import tuning
-from .explanation import Explanation, format_bytes
+from .choice import Choice, MethodRefusedError, made, refuse_all, walk
+from .explanation import Explanation, build, format_bytes
 from .inputs import AttentionInputs, DecodeInputs, dtype_name
 from .memo import tracing
 from .methods import REGISTRY, Method
-from .methods.decode import DECODE_REGISTRY, DecodeMethod
+from .methods.decode import DECODE_REGISTRY
 
 ENV_METHOD = "LEETDECODING_METHOD"  # forces the method used when a call says method="auto"
 
@@ -76,23 +73,6 @@ FLEET_BUDGET_BYTES = 64 << 20
 MEMORY_HEADROOM = 0.8
 # Plans below this size are never memory-checked (querying the OS costs more than the risk).
 MEMORY_CHECK_MIN_BYTES = 256 << 20
-
-
-class MethodRefusedError(ValueError):
-    """No method (or not the forced one) can run these inputs; the message lists every reason."""
-
-
-@dataclass
-class Choice:
-    """What the dispatcher chose for one call: the method, the options it runs with, why, and why the methods
-    tried before it were refused."""
-
-    method: Method | DecodeMethod
-    options: dict
-    reason: str
-    refusals: dict[str, list[str]] = field(default_factory=dict)
-    estimate_bytes: int = 0
-    operation: str = "attention"  # or "decode_step"
 
 
 def available_memory(device: torch.device) -> int:
@@ -270,31 +250,10 @@ def _refuse_forced(method, name: str, described: str, reasons: list[str]) -> Met
     )
 
 
-def _refuse_all(described: str, refusals: dict[str, list[str]], among: tuple[str, ...]) -> MethodRefusedError:
-    listing = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refusals.items())
-    what = f"none of the methods {list(among)} can run" if among else "no method can run"
-    return MethodRefusedError(f"{what} {described}:\n{listing}")
-
-
-def _walk(order: list[str], among: tuple[str, ...], why: str, reasons) -> tuple[str, str, dict]:
-    """The first name of `order` (restricted to `among` when given) whose `reasons(name)` is empty:
-    (name or "", why, the refusals before it)."""
-    if among:
-        order = [n for n in order if n in among]
-        why = f"the first of {list(among)} in auto's order that can run; " + why
-    refusals: dict[str, list[str]] = {}
-    for n in order:
-        r = reasons(n)
-        if not r:
-            return n, why, refusals
-        refusals[n] = r
-    return "", why, refusals
-
-
 def choose(x: AttentionInputs, method="auto") -> Choice:
     """The method for these inputs: `method` is "auto", a method name, or a sequence of names (auto among
     these). Raises MethodRefusedError naming every method tried and its reasons."""
-    return _made(_choose(x, method))
+    return made(_choose(x, method))
 
 
 def _choose(x: AttentionInputs, method) -> Choice:
@@ -318,14 +277,14 @@ def _choose(x: AttentionInputs, method) -> Choice:
         opts, need = plans[name]
         return Choice(REGISTRY[name], opts, forced_by(method, name), {}, need)
     order, why = priority(x)
-    name, why, refusals = _walk(order, among, why, reasons)
+    name, why, refusals = walk(order, among, why, reasons)
     if name:
         opts, need = plans[name]
         return Choice(REGISTRY[name], opts, why, refusals, need)
     for n in among or REGISTRY:  # the error names every method, also those "auto" does not try here
         if n not in refusals:
             refusals[n] = reasons(n) or [f"not tried by auto on {x.device.type} (pass method={n!r} to use it)"]
-    raise _refuse_all(described, refusals, among)
+    raise refuse_all(described, refusals, among)
 
 
 def decode_priority(d: DecodeInputs) -> tuple[list[str], str]:
@@ -348,7 +307,7 @@ def choose_decode(d: DecodeInputs, method="auto") -> Choice:
         if len(_DECODE_CHOICES) >= _DECODE_CHOICES_SIZE:
             _DECODE_CHOICES.pop(next(iter(_DECODE_CHOICES)))
         _DECODE_CHOICES[key] = choice
-    return _made(choice)
+    return made(choice)
 
 
 def _choose_decode(d: DecodeInputs, method) -> Choice:
@@ -364,40 +323,15 @@ def _choose_decode(d: DecodeInputs, method) -> Choice:
             raise _refuse_forced(method, name, described, r)
         return Choice(DECODE_REGISTRY[name], {}, forced_by(method, name), operation="decode_step")
     order, why = decode_priority(d)
-    name, why, refusals = _walk(order, among, why, reasons)
+    name, why, refusals = walk(order, among, why, reasons)
     if not name:
-        raise _refuse_all(described, refusals, among)
+        raise refuse_all(described, refusals, among)
     return Choice(DECODE_REGISTRY[name], {}, why, refusals, operation="decode_step")
 
 
 def describe_decode(d: DecodeInputs) -> str:
     (b, h, dk), dv = d.q.shape, d.v.shape[-1]
     return f"a decode step B={b}, H={h}, Dk={dk}, Dv={dv}, {dtype_name(d.q.dtype)} on {d.q.device}"
-
-
-# ----- what the public calls chose -----
-
-_recording = threading.local()
-
-
-@contextmanager
-def record_choices() -> Iterator[list[Choice]]:
-    """Collects the choice of every `attention` and `decode_step` call made inside the block (in this thread),
-    in order: `with record_choices() as made: ...; made[-1].method.name`. How a caller (a model integration, a
-    benchmark) reads which method ran without asking the dispatcher again."""
-    lists = _recording.__dict__.setdefault("lists", [])
-    made: list[Choice] = []
-    lists.append(made)
-    try:
-        yield made
-    finally:  # by identity: list.remove compares by value, and a nested block may have recorded the same choices
-        del lists[next(i for i, m in enumerate(lists) if m is made)]
-
-
-def _made(choice: Choice) -> Choice:
-    for made in getattr(_recording, "lists", ()):
-        made.append(choice)
-    return choice
 
 
 def explain(x: AttentionInputs, method="auto") -> Explanation:
@@ -407,30 +341,14 @@ def explain(x: AttentionInputs, method="auto") -> Explanation:
     def reasons(m: Method) -> list[str]:
         return reasons_for(m, largest, options_for(m, largest), memory)[0]
 
-    return _explanation(lambda: _choose(x, method), x.describe(), method, REGISTRY, reasons)
+    forced = resolve(method)[0] != "auto"
+    return build(lambda: _choose(x, method), x.describe(), forced, REGISTRY, reasons)
 
 
 def explain_decode(d: DecodeInputs, method="auto") -> Explanation:
     """What `choose_decode` decides for this step, and every decode method's refusals."""
-    return _explanation(
-        lambda: _choose_decode(d, method), describe_decode(d), method, DECODE_REGISTRY,
-        lambda m: m.not_supported_reasons(d), environment=False,
-    )
+    forced = resolve(method, DECODE_REGISTRY, environment=False)[0] != "auto"
+    described, registry = describe_decode(d), DECODE_REGISTRY
+    return build(lambda: _choose_decode(d, method), described, forced, registry, lambda m: m.not_supported_reasons(d))
 
 
-def _explanation(choose_fn, described: str, method, registry: dict, reasons, environment: bool = True):
-    forced = resolve(method, registry, environment)[0] != "auto"
-    try:
-        c = choose_fn()  # the caller's inputs: a refusal describes them, not the largest segment
-    except MethodRefusedError as e:
-        chosen, options, reason, estimate = None, {}, str(e), 0
-    else:
-        chosen, options, reason, estimate = c.method.name, c.options, c.reason, c.estimate_bytes
-    refusals, others = {}, []
-    for n, m in registry.items():
-        r = reasons(m)
-        if r:
-            refusals[n] = r
-        elif n != chosen:
-            others.append(n)
-    return Explanation(described, chosen, options, reason, refusals, others, estimate, forced)

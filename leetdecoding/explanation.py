@@ -47,3 +47,24 @@ class Explanation:
         return "\n".join(lines)
 
     __str__ = __repr__
+
+
+def build(choose_fn, described: str, forced: bool, registry: dict, reasons) -> Explanation:
+    """The Explanation of `choose_fn()` (which raises MethodRefusedError when nothing can run): the choice, and
+    `reasons(method)` for every method of `registry`."""
+    from .choice import MethodRefusedError
+
+    try:
+        c = choose_fn()  # the caller's inputs: a refusal describes them, not the largest segment
+    except MethodRefusedError as e:
+        chosen, options, reason, estimate = None, {}, str(e), 0
+    else:
+        chosen, options, reason, estimate = c.method.name, c.options, c.reason, c.estimate_bytes
+    refusals, others = {}, []
+    for n, m in registry.items():
+        r = reasons(m)
+        if r:
+            refusals[n] = r
+        elif n != chosen:
+            others.append(n)
+    return Explanation(described, chosen, options, reason, refusals, others, estimate, forced)

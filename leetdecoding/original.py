@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .api import attention
+from .choice import MethodRefusedError
 from .decay import check_not_meta
-from .dispatch import MethodRefusedError
 from .methods import REGISTRY
 
 # original name -> the methods here that compute its algorithm: the dispatcher runs the first of them, in its

@@ -18,6 +18,7 @@ import torch
 
 from .. import decay as _decay
 from .. import dispatch
+from ..choice import MethodRefusedError
 from ..inputs import AttentionInputs, validate
 from ..methods import REGISTRY, Method
 from .memory import measure_peak
@@ -120,7 +121,7 @@ def max_relative_error(o: torch.Tensor, o64: torch.Tensor) -> float:
 def auto_pick(x: AttentionInputs) -> str:
     try:
         return dispatch.choose(x).method.name
-    except dispatch.MethodRefusedError:
+    except MethodRefusedError:
         return "none"
 
 
