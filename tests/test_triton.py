@@ -436,16 +436,16 @@ def _compiled_variants(kernel) -> int:
 
 @gpu_only
 def test_no_recompilation_for_a_new_length():
-    from leetdecoding.methods.triton import chunked
+    from leetdecoding.methods.triton import chunked_fwd
 
     q = torch.randn(1, 4, 4096, 128, device="cuda")
     ld.attention(q[:, :, :100], q[:, :, :100], q[:, :, :100], DECAYS, method="triton_chunked")
-    before = _compiled_variants(chunked.chunked_fwd_kernel)
+    before = _compiled_variants(chunked_fwd.chunked_fwd_kernel)
     for n in (101, 333, 4096):
         ld.attention(q[:, :, :n], q[:, :, :n], q[:, :, :n], DECAYS, method="triton_chunked")
         x = q[:, :, :n].transpose(1, 2).contiguous().transpose(1, 2)
         ld.attention(x, x, x, DECAYS, method="triton_chunked")
-    assert _compiled_variants(chunked.chunked_fwd_kernel) == before
+    assert _compiled_variants(chunked_fwd.chunked_fwd_kernel) == before
 
 
 @gpu_only
@@ -494,7 +494,7 @@ def test_packed_operator_checks_its_arguments():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from leetdecoding.methods.triton.common import SPLIT_BF16, SPLIT_TF32, split_hi_lo  # noqa: E402
+from leetdecoding.methods.triton.jit_helpers import SPLIT_BF16, SPLIT_TF32, split_hi_lo  # noqa: E402
 
 
 @triton.jit

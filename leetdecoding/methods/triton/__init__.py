@@ -1,8 +1,10 @@
 """The GPU methods: Triton kernels of the chunked, recurrent and FleetAttention algorithms.
 
-This module only declares them; it never imports Triton. The kernels (`chunked.py`, `recurrent.py`,
-`fleet.py`, registered as torch.library operators in `ops.py`) are imported the first time a method runs, so
-`import leetdecoding` works everywhere, and a machine without Triton or a GPU gets a clear refusal instead.
+This module only declares them; it never imports Triton. The kernels (`chunked_fwd.py`, `chunked_bwd.py`,
+`recurrent.py`, `fleet.py`, built on `common.py` (host side) and `jit_helpers.py` (in-kernel helpers), registered
+as torch.library operators in `ops.py`) are imported the first time a method runs, so `import leetdecoding`
+works everywhere, and a machine without Triton or a GPU gets a clear refusal instead. The imports point one way:
+`__init__` -> `ops` -> kernel modules -> `common` -> `jit_helpers`.
 
 With `TRITON_INTERPRET=1` in the environment before leetdecoding is imported, the methods also accept CPU
 tensors (and fp64, which lets gradcheck reach the kernels) and run in Triton's interpreter: how the tests run
@@ -33,6 +35,22 @@ def triton_missing() -> str | None:
     return None
 
 
+# bf16 tl.dot and conversions need Ampere or newer
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def bf16_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot run `dtype` on this `device`: bfloat16 on a GPU older than compute capability 8.0,
+    or None. One rule for the methods (`not_supported_reasons`) and the fused decode step (`decode_step_reasons`)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= BF16_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, BF16_MIN_CAPABILITY))
+    return f"bfloat16 kernels need compute capability {need} or newer; this GPU has {major}.{minor}"
+
+
 class TritonMethod(Method):
     backend = "triton"
     devices = ("cuda", "cpu") if INTERPRET else ("cuda",)
@@ -45,11 +63,8 @@ class TritonMethod(Method):
 
     def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
         reasons = super().not_supported_reasons(x)
-        if x.device.type == "cuda" and x.dtype == torch.bfloat16 and not reasons:
-            major, minor = torch.cuda.get_device_capability(x.device)
-            if major < 8:
-                reasons.append(f"bfloat16 kernels need compute capability 8.0 or newer; this GPU has {major}.{minor}")
-        return reasons
+        old_gpu = None if reasons else bf16_refusal(x.device, x.dtype)  # (asks the GPU only for inputs that fit)
+        return reasons + ([old_gpu] if old_gpu else [])
 
     def _state_bytes(self, x: AttentionInputs) -> int:
         return elem_bytes(x) * x.batch * x.heads * x.dk * x.dv
@@ -141,6 +156,9 @@ def decode_step_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state
         reasons.append(f"supports float32, float16 and bfloat16, not {str(q.dtype).replace('torch.', '')}")
     if max(state.shape[-2:]) > MAX_HEAD_DIM:
         reasons.append(f"head dims up to {MAX_HEAD_DIM}, got Dk={state.shape[-2]}, Dv={state.shape[-1]}")
+    old_gpu = None if reasons else bf16_refusal(q.device, q.dtype)
+    if old_gpu:
+        reasons.append(old_gpu)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state)):
         reasons.append("no gradient support")
     return reasons
