@@ -200,14 +200,14 @@ def run(arch: int, quick: bool) -> tuple[list[Compiled], list[str]]:
     """Compile every case for `arch`: (every compiled launch, the failures as messages)."""
     from triton.runtime import driver
 
-    from ..methods.triton import common
+    from ..methods.triton import launching
 
     recorder = Recorder(arch)
     failures = []
     previous = getattr(driver, "_active", None)  # None where this machine has no GPU driver
     driver.set_active(_Target(arch))
-    common.COMPILE_ONLY = recorder
-    common._WORKING_VARIANT.clear()
+    launching.COMPILE_ONLY = recorder
+    launching._WORKING_VARIANT.clear()
     try:
         for label, case, arguments in cases(quick):
             recorder.case = label
@@ -218,8 +218,8 @@ def run(arch: int, quick: bool) -> tuple[list[Compiled], list[str]]:
                 failures.append(f"sm_{arch} {label}: {type(e).__name__}: {first}")
         failures += [f"sm_{arch} recompiled for a new sequence length: {m}" for m in recompiled(recorder.rows)]
     finally:
-        common.COMPILE_ONLY = None
-        common._WORKING_VARIANT.clear()
+        launching.COMPILE_ONLY = None
+        launching._WORKING_VARIANT.clear()
         driver.set_active(previous)
     return recorder.rows, failures
 

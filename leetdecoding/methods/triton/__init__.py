@@ -1,10 +1,10 @@
 """The GPU methods: Triton kernels of the chunked, recurrent and FleetAttention algorithms.
 
 This module only declares them; it never imports Triton. The kernels (`chunked_fwd.py`, `chunked_bwd.py`,
-`recurrent.py`, `fleet.py`, built on `common.py` (host side) and `jit_helpers.py` (in-kernel helpers), registered
-as torch.library operators in `ops.py`) are imported the first time a method runs, so `import leetdecoding`
-works everywhere, and a machine without Triton or a GPU gets a clear refusal instead. The imports point one way:
-`__init__` -> `ops` -> kernel modules -> `common` -> `jit_helpers`.
+`recurrent.py`, `fleet.py`, built on `common.py` and `launching.py` (host side), `prologue.py` and `tile_math.py`
+(in-kernel), registered as torch.library operators in `ops.py`) are imported the first time a method runs, so
+`import leetdecoding` works everywhere, and a machine without Triton or a GPU gets a clear refusal instead. The
+imports point one way: `__init__` -> `ops` -> kernel modules -> helper modules.
 
 With `TRITON_INTERPRET=1` in the environment before leetdecoding is imported, the methods also accept CPU
 tensors (and fp64, which lets gradcheck reach the kernels) and run in Triton's interpreter: how the tests run
@@ -69,6 +69,16 @@ class TritonMethod(Method):
     def _state_bytes(self, x: AttentionInputs) -> int:
         return elem_bytes(x) * x.batch * x.heads * x.dk * x.dv
 
+    # the operator of `ops` that the default `forward` calls (the methods without options)
+    op_name = ""
+
+    def forward(self, x: AttentionInputs, **options):
+        from . import ops
+
+        op = getattr(ops, self.op_name)
+        o, final = op(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
+        return o, (final if x.output_final_state else None)
+
 
 class TritonChunked(TritonMethod):
     name = "triton_chunked"
@@ -102,6 +112,7 @@ class TritonChunked(TritonMethod):
 
 class TritonRecurrent(TritonMethod):
     name = "triton_recurrent"
+    op_name = "recurrent_fwd"
     algorithm = "causal dot product in a Triton kernel: one state update per token"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(Dk Dv)"
@@ -112,15 +123,10 @@ class TritonRecurrent(TritonMethod):
     def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
         return self._state_bytes(x)
 
-    def forward(self, x: AttentionInputs, **options):
-        from . import ops
-
-        o, final = ops.recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
-        return o, (final if x.output_final_state else None)
-
 
 class TritonFleet(TritonMethod):
     name = "triton_fleet"
+    op_name = "fleet_fwd"
     algorithm = "FleetAttention in a Triton kernel: Dk rank-one discounted scans"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(N Dv)"
@@ -133,12 +139,6 @@ class TritonFleet(TritonMethod):
         # an fp32 accumulator for the output when Dk spans several blocks of 16
         acc = elem_bytes(x) * x.batch * x.heads * x.seq_len * x.dv if x.dk > 16 else 0
         return acc + self._state_bytes(x)
-
-    def forward(self, x: AttentionInputs, **options):
-        from . import ops
-
-        o, final = ops.fleet_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
-        return o, (final if x.output_final_state else None)
 
 
 METHODS = (TritonChunked(), TritonRecurrent(), TritonFleet())

@@ -31,34 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    INTERPRET,
-    chunk_variants,
-    decay_power,
-    dim_block,
-    dot_flags,
-    launch,
-    launcher,
-    packed_rows,
-    pipeline_stages,
-    split_log_decay,
-    strides,
-    torch_acc_dtype,
-    warps,
-)
-from .jit_helpers import (
-    NO_SPEC,
-    SUM,
-    block_range,
-    chunk_span,
-    distances,
-    head_decays,
-    input_dot,
-    mixed_dot,
-    program_head,
-    round_to_bf16,
-    sequence,
-)
+from .common import INTERPRET, decay_power, dim_block, dot_flags, packed_rows, split_log_decay, torch_acc_dtype
+from .launching import chunk_variants, launch, launcher, pipeline_stages, strides, warps
+from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head, sequence
+from .tile_math import SUM, input_dot, mixed_dot, round_to_bf16
+
+
+@triton.jit
+def distances(BT: tl.constexpr, ACC: tl.constexpr):
+    """(BT, BT): t - s for s <= t, else 0 (the weights of d log lambda's intra-chunk pairs)."""
+    o_t = tl.arange(0, BT)
+    return tl.where(o_t[:, None] >= o_t[None, :], o_t[:, None] - o_t[None, :], 0).to(ACC)
 
 
 @triton.jit(do_not_specialize=NO_SPEC)

@@ -17,35 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    INTERPRET,
-    chunk_variants,
-    decay_power,
-    dim_block,
-    dot_flags,
-    empty_output,
-    kernel_scale,
-    launch,
-    launcher,
-    packed_rows,
-    pipeline_stages,
-    scale_fp64,
-    split_log_decay,
-    strides,
-    torch_acc_dtype,
-    warps,
-)
-from .jit_helpers import (
-    NO_SPEC,
-    block_range,
-    chunk_span,
-    head_decays,
-    input_dot,
-    mixed_dot,
-    program_head,
-    round_to_bf16,
-    sequence,
-)
+from .common import INTERPRET, decay_power, dim_block, dot_flags, forward_buffers, packed_rows, split_log_decay
+from .launching import chunk_variants, kernel_scale, launch, launcher, pipeline_stages, scale_fp64, strides, warps
+from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head, sequence
+from .tile_math import input_dot, mixed_dot, round_to_bf16
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
@@ -120,9 +95,7 @@ def forward(
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     rows = packed_rows(q, cu_seqlens, initial_state=initial_state)  # programs per head: batch rows or sequences
-    o = empty_output((B, H, N, Dv), q.dtype, q.device)
-    final_shape = (rows, H, Dk, Dv) if output_final_state else (0,)
-    final = torch.empty(final_shape, dtype=torch_acc_dtype(q.dtype), device=q.device)
+    o, final = forward_buffers(q, v, rows, output_final_state)
     flags = dot_flags(q.dtype, precision)
     bk, bv = _fwd_tiles(Dk, Dv)
     g_split = split_log_decay(log_decay)

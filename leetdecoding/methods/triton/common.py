@@ -1,8 +1,9 @@
-"""Host-side pieces shared by the Triton kernels: decay tables, tile sizes, constexpr flags, strides, the launch
-wrapper and its OutOfResources fallback. The in-kernel pieces are in `jit_helpers`.
+"""Host-side numerics shared by the Triton kernels: decay tables, head-dim blocks, dtypes and constexpr flags,
+output buffers and the checks of packed inputs that size them. How kernels are launched is in `launching`; the
+in-kernel pieces are in `prologue` and `tile_math`.
 
-Imported only when a Triton method runs (never by `import leetdecoding`); it imports no other module of this
-package but `jit_helpers`, so that the kernel modules and `ops` (which registers them) can all import it.
+Imported only when a Triton method runs (never by `import leetdecoding`). Like every helper module of this
+package it imports none of the kernel modules or `ops`, so the imports point one way (no cycle).
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import torch
 import triton.language as tl
 
 from ...decay import finite_log
-from .jit_helpers import LOW, SPLIT_BF16, SPLIT_TF32, WIDE
+from .. import base
+from .tile_math import LOW, SPLIT_BF16, SPLIT_TF32, WIDE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
-
-# torch >= 2.6 on a GPU: the ops are torch.library.triton_ops and launch through wrap_triton, so that
-# torch.compile sees the kernels themselves (see `ops`); opaque custom_ops otherwise.
-USE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not INTERPRET
 
 # Accuracy of the tl.dot calls that meet an fp32 operand (decayed scores, a state) and an input tile:
 #   "accurate": about fp32 accuracy (default). fp32 inputs: three TF32 tensor-core products (tf32x3); 16-bit
@@ -80,13 +78,13 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def dtype_flags(dtype: torch.dtype) -> dict:
     """The constexpr flags every kernel takes for its input dtype: ACC, the accumulation dtype, and ROUND_BF16,
-    round bf16 outputs with `jit_helpers.round_to_bf16` (the interpreter only: its own cast truncates)."""
+    round bf16 outputs with `tile_math.round_to_bf16` (the interpreter only: its own cast truncates)."""
     return {"ACC": acc_dtype(dtype), "ROUND_BF16": INTERPRET and dtype == torch.bfloat16}
 
 
 def dot_flags(dtype: torch.dtype, precision: str) -> dict:
     """`dtype_flags` and the flags of the kernels' products: PREC (input_precision of the fp32 dots), NATIVE_QK
-    and MODE (of `jit_helpers.mixed_dot`).
+    and MODE (of `tile_math.mixed_dot`).
 
     NATIVE_QK: q k^T (and the like) multiply the 16-bit inputs directly (exact products, fp32 accumulation).
     The interpreter's bf16 tl.dot is broken, so there every bf16 operand is widened first.
@@ -106,25 +104,20 @@ def dot_flags(dtype: torch.dtype, precision: str) -> dict:
     return {"PREC": prec, "NATIVE_QK": native, "MODE": mode, **dtype_flags(dtype)}
 
 
-def kernel_scale(scale: float, dtype: torch.dtype) -> float:
-    """The scale a kernel applies: a Python float reaches a kernel as fp32, so with fp64 inputs the kernel applies
-    1.0 and `scale_fp64` the true scale afterwards."""
-    return 1.0 if dtype == torch.float64 else scale
+def empty_output(shape, dtype, device) -> torch.Tensor:
+    """An output buffer: NaN-filled when the tests ask (so that an unwritten row cannot hide)."""
+    if base.FILL_UNWRITTEN_WITH_NAN:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
-def scale_fp64(out: torch.Tensor, scale: float) -> None:
-    if out.dtype == torch.float64 and scale != 1.0:
-        out.mul_(scale)
-
-
-def strides(t: torch.Tensor | None, ndim: int = 4) -> tuple[int, ...]:
-    """The strides of a (B, H, N, D) tensor; a (B, H, D) decode input gets a zero stride for N."""
-    if t is None:
-        return (0,) * ndim
-    if t.ndim == 3 and ndim == 4:
-        sb, sh, sd = t.stride()
-        return sb, sh, 0, sd
-    return tuple(t.stride())
+def forward_buffers(q: torch.Tensor, v: torch.Tensor, rows: int, output_final_state: bool):
+    """A forward's outputs: o (B, H, N, Dv) in q's dtype (`empty_output`) and the final state (rows, H, Dk, Dv) in
+    the accumulation dtype, or an empty tensor when it is not asked for."""
+    B, H, N, Dk = q.shape
+    o = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
+    shape = (rows, H, Dk, v.shape[-1]) if output_final_state else (0,)
+    return o, torch.empty(shape, dtype=torch_acc_dtype(q.dtype), device=q.device)
 
 
 def packed_rows(q: torch.Tensor, cu_seqlens: torch.Tensor | None, **states: torch.Tensor | None) -> int:
@@ -144,72 +137,3 @@ def packed_rows(q: torch.Tensor, cu_seqlens: torch.Tensor | None, **states: torc
         if state is not None and state.shape[0] != rows:
             raise ValueError(f"{name} must have one row per sequence ({rows}); got shape {tuple(state.shape)}.")
     return rows
-
-
-# Set by the developer tool `leetdecoding.bench.compile_check` to compile for a GPU that is not here instead of
-# launching (nothing in the runtime sets it).
-COMPILE_ONLY = None
-
-
-def launcher(kernel):
-    """The kernel to launch: `torch.library.wrap_triton(kernel)` where the ops are triton_ops (so that
-    torch.compile sees the kernel), the kernel itself otherwise."""
-    if COMPILE_ONLY is not None:
-        return COMPILE_ONLY(kernel)
-    return torch.library.wrap_triton(kernel) if USE_TRITON_OP else kernel
-
-
-# key -> index of the first launch variant that compiled on this device (see `launch`)
-_WORKING_VARIANT: dict = {}
-
-
-def launch(key, variants, run) -> None:
-    """Run `run(variant)` with the first of `variants` (fastest first, leanest last) that fits the device.
-
-    On a GPU a variant that needs more shared memory or registers than the device has fails when it is first
-    compiled, with OutOfResources: the next one is tried, and the first that works is remembered for `key`.
-    The interpreter has no such limits (and gets one variant).
-    """
-    from triton.runtime.errors import OutOfResources
-
-    first = _WORKING_VARIANT.get(key, 0)
-    for i in range(first, len(variants)):
-        try:
-            run(variants[i])
-        except OutOfResources:
-            if i == len(variants) - 1:
-                raise
-            continue
-        _WORKING_VARIANT[key] = i
-        return
-
-
-def chunk_variants(bt: int, stages: int) -> list[tuple[int, int]]:
-    """(BT, num_stages) to try: as given, then without software pipelining, then smaller chunks (down to 16)."""
-    if INTERPRET:
-        return [(bt, 1)]
-    out = [(bt, stages), (bt, 1)]
-    while bt > 16:
-        bt //= 2
-        out.append((bt, 1))
-    return out
-
-
-def pipeline_stages(dtype: torch.dtype) -> int:
-    return 2 if dtype == torch.float32 else 3
-
-
-def warps(elements: int) -> int:
-    """num_warps for a program whose largest register tile has this many elements."""
-    if INTERPRET:
-        return 1
-    return 4 if elements <= 64 * 64 else 8
-
-
-def empty_output(shape, dtype, device) -> torch.Tensor:
-    """An output buffer: NaN-filled when the tests ask (so that an unwritten row cannot hide)."""
-    from .. import base
-
-    if base.FILL_UNWRITTEN_WITH_NAN:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)

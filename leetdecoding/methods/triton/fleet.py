@@ -15,21 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    INTERPRET,
-    decay_power,
-    dim_block,
-    dtype_flags,
-    empty_output,
-    kernel_scale,
-    launcher,
-    scale_fp64,
-    split_log_decay,
-    strides,
-    torch_acc_dtype,
-    warps,
-)
-from .jit_helpers import NO_SPEC, SUM, block_range, chunk_span, head_decays, program_head, round_to_bf16
+from .common import INTERPRET, decay_power, dim_block, dtype_flags, forward_buffers, split_log_decay, torch_acc_dtype
+from .launching import kernel_scale, launcher, scale_fp64, strides, warps
+from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head
+from .tile_math import SUM, round_to_bf16
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
@@ -92,12 +81,10 @@ def forward(q, k, v, log_decay, initial_state, scale: float, output_final_state:
     """o (B, H, N, Dv) in q's dtype, final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked)."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
-    acc = torch_acc_dtype(q.dtype)
     bt, bk, bv = _tiles(Dk, Dv)
     nk = triton.cdiv(Dk, bk)
-    o = empty_output((B, H, N, Dv), q.dtype, q.device)
-    out = o if nk == 1 else torch.zeros((B, H, N, Dv), dtype=acc, device=q.device)
-    final = torch.empty((B, H, Dk, Dv) if output_final_state else (0,), dtype=acc, device=q.device)
+    o, final = forward_buffers(q, v, B, output_final_state)
+    out = o if nk == 1 else torch.zeros((B, H, N, Dv), dtype=torch_acc_dtype(q.dtype), device=q.device)
     launcher(fleet_fwd_kernel)[(B * H, nk, triton.cdiv(Dv, bv))](
         q, k, v, out, initial_state if initial_state is not None else o, final,
         split_log_decay(log_decay), decay_power(log_decay, bt),

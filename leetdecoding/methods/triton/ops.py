@@ -1,8 +1,9 @@
 """The Triton kernels as torch.library operators, so that torch.compile traces a model that calls `attention`
 without a graph break at the kernel call, and autograd reaches triton_chunked's backward.
 
-Imports the kernels' modules, which import `common` and `jit_helpers`; neither of those imports this one (the
-launch wrapper, `common.launcher`, reads `common.USE_TRITON_OP`), so the package has no import cycle.
+Imports the kernels' modules, which import the helper modules (`common`, `launching`, `prologue`, `tile_math`);
+none of those imports this one (the launch wrapper, `launching.launcher`, reads `launching.USE_TRITON_OP`), so
+the package has no import cycle.
 
 With torch >= 2.6 on a GPU the operators are `torch.library.triton_op`s: the kernels are launched through
 `wrap_triton`, so torch.compile sees the Triton kernels themselves. Under the interpreter (CPU tensors) or on
@@ -25,7 +26,8 @@ from ..autograd import refuse_double_backward
 from . import fleet, recurrent
 from .chunked_bwd import backward as chunked_backward
 from .chunked_fwd import forward as chunked_forward
-from .common import USE_TRITON_OP, torch_acc_dtype
+from .common import torch_acc_dtype
+from .launching import USE_TRITON_OP
 
 OptTensor = Tensor | None  # (a real type, not a string: older torch infers schemas from annotations)
 

@@ -10,24 +10,13 @@ program (the interpreter runs programs one after another, and its cost is per op
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    INTERPRET,
-    decay_power,
-    dim_block,
-    dtype_flags,
-    empty_output,
-    kernel_scale,
-    launcher,
-    scale_fp64,
-    strides,
-    torch_acc_dtype,
-    warps,
-)
-from .jit_helpers import NO_SPEC, SUM, block_range, round_to_bf16
+from .common import INTERPRET, decay_power, dim_block, dtype_flags, empty_output, forward_buffers
+from .launching import kernel_scale, launcher, scale_fp64, strides, warps
+from .prologue import NO_SPEC, block_range
+from .tile_math import SUM, round_to_bf16
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
@@ -107,13 +96,9 @@ def _launch(q, k, v, o, initial_state, final, log_decay, scale, n, state_out_str
 
 def forward(q, k, v, log_decay, initial_state, scale: float, output_final_state: bool):
     """o (B, H, N, Dv) in q's dtype, final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked)."""
-    B, H, N, Dk = q.shape
-    Dv = v.shape[-1]
-    o = empty_output((B, H, N, Dv), q.dtype, q.device)
-    shape = (B, H, Dk, Dv) if output_final_state else (0,)
-    final = torch.empty(shape, dtype=torch_acc_dtype(q.dtype), device=q.device)
+    o, final = forward_buffers(q, v, q.shape[0], output_final_state)
     out = final if output_final_state else None
-    _launch(q, k, v, o, initial_state, out, log_decay, scale, N, strides(out))
+    _launch(q, k, v, o, initial_state, out, log_decay, scale, q.shape[2], strides(out))
     return o, final
 
 

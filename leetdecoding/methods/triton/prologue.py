@@ -1,5 +1,5 @@
-"""In-kernel pieces shared by the Triton kernels: the prologue (program ids, decays, sequence bounds), the dots
-that meet an fp32 operand, bf16 rounding.
+"""The kernels' shared prologue, in-kernel: program ids and sequence bounds, head-dim blocks, the decays of a head
+and of a chunk. Products and rounding are in `tile_math`.
 
 Kernel habits used throughout: explicit offsets and masks on every load and store, 64-bit batch/head offsets,
 the sequence length and every stride that can depend on it marked `do_not_specialize` (`NO_SPEC`), constexpr
@@ -8,9 +8,7 @@ exp(g_hi e) * exp(g_lo e) (`common.split_log_decay`).
 
 Under `TRITON_INTERPRET=1` the kernels run on CPU tensors in Triton's interpreter. There, every call of a
 `@triton.jit` helper costs about a millisecond (the interpreter re-patches the language on each call), so the
-helpers below are called once per program or once per chunk, never once per token, and sums are
-`tl.reduce(x, axis, SUM)` (the interpreter's numpy fast path) instead of `tl.sum`; on the GPU both compile to the
-same reduction.
+kernels call helpers once per program or once per chunk, never once per token (on the GPU they are inlined).
 """
 
 from __future__ import annotations
@@ -21,12 +19,6 @@ import triton.language as tl
 # The sequence length, and the batch and head strides of every (B, H, N, D) tensor (they depend on N for some
 # layouts): never specialised on. One list for all kernels; Triton skips the names a kernel does not take.
 NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh", "sdb", "sdh"]
-
-# The combine function of tl.sum. `tl.reduce(x, axis, SUM)` is tl.sum without the nested jit call.
-SUM = tl.standard._sum_combine
-
-# how `mixed_dot` multiplies (the MODE flag of the kernels; `common.dot_flags` chooses it)
-WIDE, SPLIT_BF16, SPLIT_TF32, LOW = 0, 1, 2, 3
 
 
 # ----- the prologue -----
@@ -94,79 +86,3 @@ def chunk_span(i_c, T, g_hi, g_lo, c_hi, c_lo, BT: tl.constexpr, ACC: tl.constex
     f_hi = tl.where(n_c == BT, c_hi, tl.exp(g_hi * e_c) * tl.exp(g_lo * e_c))
     f_lo = tl.where(n_c == BT, c_lo, 0)
     return r_t, r_t < T, n_c, b_lam_k, f_hi, f_lo
-
-
-@triton.jit
-def distances(BT: tl.constexpr, ACC: tl.constexpr):
-    """(BT, BT): t - s for s <= t, else 0 (the weights of d log lambda's intra-chunk pairs)."""
-    o_t = tl.arange(0, BT)
-    return tl.where(o_t[:, None] >= o_t[None, :], o_t[:, None] - o_t[None, :], 0).to(ACC)
-
-
-# ----- products and rounding -----
-
-
-@triton.jit
-def input_dot(a, b, NATIVE_QK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """a @ b for two tiles of the inputs (q k^T and the like): with NATIVE_QK the 16-bit tiles multiplied
-    directly (exact products, fp32 accumulation), otherwise widened to ACC first."""
-    if NATIVE_QK:
-        out = tl.dot(a, b)
-    else:
-        out = tl.dot(a.to(ACC), b.to(ACC), input_precision=PREC)
-    return out
-
-
-@triton.jit
-def split_hi_lo(w, MODE: tl.constexpr):
-    """w (fp32) as hi + lo for `mixed_dot`'s split modes. SPLIT_BF16 (1): hi and lo in bf16, w - hi - lo about
-    2^-17 |w|. SPLIT_TF32 (2): hi = w with its 13 low mantissa bits cleared (exact in TF32) and lo = w - hi exactly
-    in fp32; the TF32 product rounds lo once more (about 2^-21 |w| in all)."""
-    if MODE == 1:
-        hi = w.to(tl.bfloat16)
-        lo = (w - hi.to(tl.float32)).to(tl.bfloat16)
-    else:
-        hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        lo = w - hi
-    return hi, lo
-
-
-@triton.jit
-def mixed_dot(w, x, W_FIRST: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """w @ x (W_FIRST) or x @ w, for w in the accumulation dtype and x a tile of the inputs (any dtype).
-
-    WIDE (0): x widened to w's dtype, one dot at PREC. LOW (3): w rounded to x's dtype, one native dot.
-    SPLIT_BF16 (1) / SPLIT_TF32 (2): w split by `split_hi_lo` and two dots in which x is exact (16-bit inputs are
-    exact in TF32): about 2^-17 (bf16) or 2^-21 (TF32) relative error per product.
-    """
-    # (one return at the end: the compiler does not stop at a return inside a branch)
-    if MODE == 1 or MODE == 2:
-        hi, lo = split_hi_lo(w, MODE)
-        if MODE == 2:
-            x = x.to(tl.float32)
-        if W_FIRST:
-            out = tl.dot(hi, x, input_precision="tf32") + tl.dot(lo, x, input_precision="tf32")
-        else:
-            out = tl.dot(x, hi, input_precision="tf32") + tl.dot(x, lo, input_precision="tf32")
-    elif MODE == 3:
-        w = w.to(x.dtype)
-        if W_FIRST:
-            out = tl.dot(w, x)
-        else:
-            out = tl.dot(x, w)
-    else:
-        x = x.to(w.dtype)
-        if W_FIRST:
-            out = tl.dot(w, x, input_precision=PREC)
-        else:
-            out = tl.dot(x, w, input_precision=PREC)
-    return out
-
-
-@triton.jit
-def round_to_bf16(x):
-    """fp32 -> bf16 rounding to nearest even, in integer arithmetic. The interpreter's own fp32 -> bf16 cast
-    truncates (up to twice the rounding error); kernels use this there only (flag ROUND_BF16)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
