@@ -351,6 +351,34 @@ def test_refusals_explain_themselves(monkeypatch):
     assert ld.explain(q, q, q).method in ("vanilla", "chunked")
 
 
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0)], ids=str)
+def test_bf16_needs_sm80_in_methods_and_decode_step(monkeypatch, capability):
+    """One rule for bfloat16 on an older GPU: the methods and the fused decode step refuse it with the same
+    message; fp16 and newer GPUs are not affected. (No GPU here: the inputs report a CUDA device.)"""
+    from types import SimpleNamespace
+
+    from leetdecoding.inputs import AttentionInputs
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(AttentionInputs, "device", property(lambda self: cuda))
+
+    def decode_reasons(dtype):
+        token = SimpleNamespace(device=cuda, dtype=dtype, shape=(1, 4, 16), requires_grad=False)
+        state = SimpleNamespace(device=cuda, dtype=torch.float32, shape=(1, 4, 16, 16), requires_grad=False)
+        return triton_methods.decode_step_reasons(token, token, token, state)
+
+    old = capability < (8, 0)
+    expected = [f"bfloat16 kernels need compute capability 8.0 or newer; this GPU has {capability[0]}.{capability[1]}"]
+    for dtype in (torch.bfloat16, torch.float16):
+        q = torch.randn(1, 4, 3, 16, dtype=dtype)
+        x = ld.inputs.validate(q, q, q, DECAYS)
+        wanted = expected if old and dtype == torch.bfloat16 else []
+        assert decode_reasons(dtype) == wanted
+        for method in triton_methods.METHODS:
+            assert method.not_supported_reasons(x) == wanted, method.name
+
+
 def test_package_imports_and_runs_without_triton():
     """`import leetdecoding` never imports Triton; with Triton unimportable the methods refuse with a reason
     and everything else runs."""
@@ -436,16 +464,16 @@ def _compiled_variants(kernel) -> int:
 
 @gpu_only
 def test_no_recompilation_for_a_new_length():
-    from leetdecoding.methods.triton import chunked
+    from leetdecoding.methods.triton import chunked_fwd
 
     q = torch.randn(1, 4, 4096, 128, device="cuda")
     ld.attention(q[:, :, :100], q[:, :, :100], q[:, :, :100], DECAYS, method="triton_chunked")
-    before = _compiled_variants(chunked.chunked_fwd_kernel)
+    before = _compiled_variants(chunked_fwd.chunked_fwd_kernel)
     for n in (101, 333, 4096):
         ld.attention(q[:, :, :n], q[:, :, :n], q[:, :, :n], DECAYS, method="triton_chunked")
         x = q[:, :, :n].transpose(1, 2).contiguous().transpose(1, 2)
         ld.attention(x, x, x, DECAYS, method="triton_chunked")
-    assert _compiled_variants(chunked.chunked_fwd_kernel) == before
+    assert _compiled_variants(chunked_fwd.chunked_fwd_kernel) == before
 
 
 @gpu_only
@@ -494,7 +522,7 @@ def test_packed_operator_checks_its_arguments():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from leetdecoding.methods.triton.common import SPLIT_BF16, SPLIT_TF32, split_hi_lo  # noqa: E402
+from leetdecoding.methods.triton.tile_math import SPLIT_BF16, SPLIT_TF32, split_hi_lo  # noqa: E402
 
 
 @triton.jit

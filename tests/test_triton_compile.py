@@ -26,7 +26,7 @@ KERNELS = (
 
 def test_every_launch_compiles_and_fits():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    module = "leetdecoding.methods.triton.compile_check"
+    module = "leetdecoding.bench.compile_check"
     runs = {  # one process per architecture, side by side
         arch: subprocess.Popen(
             [sys.executable, "-m", module, "--arch", str(arch), "--quick"],
@@ -47,7 +47,7 @@ def test_every_launch_compiles_and_fits():
 
 
 def test_a_second_binary_for_another_length_is_reported():
-    from leetdecoding.methods.triton.compile_check import LENGTHS, Compiled, recompiled
+    from leetdecoding.bench.compile_check import LENGTHS, Compiled, recompiled
 
     def row(n, binary, kernel="chunked_fwd_kernel"):
         return Compiled(kernel, f"{LENGTHS} N={n} chunked", "BT=64", binary, 0, 0, 0, True)

@@ -1,8 +1,10 @@
 """The GPU methods: Triton kernels of the chunked, recurrent and FleetAttention algorithms.
 
-This module only declares them; it never imports Triton. The kernels (`chunked.py`, `recurrent.py`,
-`fleet.py`, registered as torch.library operators in `ops.py`) are imported the first time a method runs, so
-`import leetdecoding` works everywhere, and a machine without Triton or a GPU gets a clear refusal instead.
+This module only declares them; it never imports Triton. The kernels (`chunked_fwd.py`, `chunked_bwd.py`,
+`recurrent.py`, `fleet.py`, built on `common.py` and `launching.py` (host side), `prologue.py` and `tile_math.py`
+(in-kernel), registered as torch.library operators in `ops.py`) are imported the first time a method runs, so
+`import leetdecoding` works everywhere, and a machine without Triton or a GPU gets a clear refusal instead. The
+imports point one way: `__init__` -> `ops` -> kernel modules -> helper modules.
 
 With `TRITON_INTERPRET=1` in the environment before leetdecoding is imported, the methods also accept CPU
 tensors (and fp64, which lets gradcheck reach the kernels) and run in Triton's interpreter: how the tests run
@@ -33,6 +35,22 @@ def triton_missing() -> str | None:
     return None
 
 
+# bf16 tl.dot and conversions need Ampere or newer
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def bf16_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot run `dtype` on this `device`: bfloat16 on a GPU older than compute capability 8.0,
+    or None. One rule for the methods (`not_supported_reasons`) and the fused decode step (`decode_step_reasons`)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= BF16_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, BF16_MIN_CAPABILITY))
+    return f"bfloat16 kernels need compute capability {need} or newer; this GPU has {major}.{minor}"
+
+
 class TritonMethod(Method):
     backend = "triton"
     devices = ("cuda", "cpu") if INTERPRET else ("cuda",)
@@ -44,15 +62,26 @@ class TritonMethod(Method):
         return triton_missing()
 
     def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
-        reasons = super().not_supported_reasons(x)
-        if x.device.type == "cuda" and x.dtype == torch.bfloat16 and not reasons:
-            major, minor = torch.cuda.get_device_capability(x.device)
-            if major < 8:
-                reasons.append(f"bfloat16 kernels need compute capability 8.0 or newer; this GPU has {major}.{minor}")
-        return reasons
+        return self.reasons(x.device, x.dtype, x.dk, x.dv, x.requires_grad)
+
+    def reasons(self, device: torch.device, dtype: torch.dtype, dk: int, dv: int, grad: bool) -> list[str]:
+        """The declared capabilities' refusals, then the bf16 rule (asking the GPU only for inputs that fit)."""
+        reasons = self.capability_reasons(device, dtype, dk, dv, grad)
+        old_gpu = None if reasons else bf16_refusal(device, dtype)
+        return reasons + ([old_gpu] if old_gpu else [])
 
     def _state_bytes(self, x: AttentionInputs) -> int:
         return elem_bytes(x) * x.batch * x.heads * x.dk * x.dv
+
+    # the operator of `ops` that the default `forward` calls (the methods without options)
+    op_name = ""
+
+    def forward(self, x: AttentionInputs):
+        from . import ops
+
+        op = getattr(ops, self.op_name)
+        o, final = op(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
+        return o, (final if x.output_final_state else None)
 
 
 class TritonChunked(TritonMethod):
@@ -64,7 +93,7 @@ class TritonChunked(TritonMethod):
     memory_complexity = "O(Dk Dv)"  # the state stays on chip; the backward stores no per-chunk states
     options = ("chunk_size", "precision")
 
-    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, precision: str) -> int:
         return self._state_bytes(x)
 
     def forward(self, x: AttentionInputs, *, chunk_size: int, precision: str):
@@ -83,57 +112,38 @@ class TritonChunked(TritonMethod):
 
 class TritonRecurrent(TritonMethod):
     name = "triton_recurrent"
+    op_name = "recurrent_fwd"
     algorithm = "causal dot product in a Triton kernel: one state update per token"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(Dk Dv)"
 
-    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs) -> int:
         return self._state_bytes(x)
-
-    def forward(self, x: AttentionInputs):
-        from . import ops
-
-        o, final = ops.recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
-        return o, (final if x.output_final_state else None)
 
 
 class TritonFleet(TritonMethod):
     name = "triton_fleet"
+    op_name = "fleet_fwd"
     algorithm = "FleetAttention in a Triton kernel: Dk rank-one discounted scans"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(N Dv)"
     time_exponent = 1.0
 
-    def extra_memory_bytes(self, x: AttentionInputs, **options) -> int:
+    def extra_memory_bytes(self, x: AttentionInputs) -> int:
         # an fp32 accumulator for the output when Dk spans several blocks of 16
         acc = elem_bytes(x) * x.batch * x.heads * x.seq_len * x.dv if x.dk > 16 else 0
         return acc + self._state_bytes(x)
 
-    def forward(self, x: AttentionInputs):
-        from . import ops
-
-        o, final = ops.fleet_fwd(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, x.output_final_state)
-        return o, (final if x.output_final_state else None)
-
 
 METHODS = (TritonChunked(), TritonRecurrent(), TritonFleet())
+_DECLARED = TritonMethod()  # what every kernel declares: the fused decode step's refusals too
 
 
 def decode_step_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor) -> list[str]:
-    """Why `decode_step` below cannot run these (validated) decode inputs; empty when it can."""
-    reasons = []
-    missing = triton_missing()
-    if missing:
-        reasons.append(missing)
-    if q.device.type not in TritonMethod.devices:
-        reasons.append(f"runs on {'/'.join(TritonMethod.devices)}, not {q.device.type}")
-    if q.dtype not in TritonMethod.dtypes:
-        reasons.append(f"supports float32, float16 and bfloat16, not {str(q.dtype).replace('torch.', '')}")
-    if max(state.shape[-2:]) > MAX_HEAD_DIM:
-        reasons.append(f"head dims up to {MAX_HEAD_DIM}, got Dk={state.shape[-2]}, Dv={state.shape[-1]}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state)):
-        reasons.append("no gradient support")
-    return reasons
+    """Why `decode_step` below cannot run these (validated) decode inputs; empty when it can. The kernels'
+    declarations (`TritonMethod`) and the bf16 rule, as for the methods."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state))
+    return _DECLARED.reasons(q.device, q.dtype, state.shape[-2], state.shape[-1], grad)
 
 
 def decode_step(

@@ -1,14 +1,9 @@
-"""Host-side pieces shared by the Triton kernels: tile sizes, dtypes, strides and the launch wrapper.
+"""Host-side numerics shared by the Triton kernels: decay tables, head-dim blocks, dtypes and constexpr flags,
+output buffers and the checks of packed inputs that size them. How kernels are launched is in `launching`; the
+in-kernel pieces are in `prologue` and `tile_math`.
 
-Imported only when a Triton method runs (never by `import leetdecoding`). Kernel habits used throughout:
-explicit offsets and masks on every load and store, 64-bit batch/head offsets, the sequence length and
-every stride that can depend on it marked `do_not_specialize`, constexpr feature flags instead of copied
-kernels, every decay factor exp(non-positive).
-
-Under `TRITON_INTERPRET=1` the kernels run on CPU tensors in Triton's interpreter. There, every call of a
-`@triton.jit` helper costs about a millisecond (the interpreter re-patches the language on each call), so the
-kernels inline their arithmetic and sum with `tl.reduce(x, axis, SUM)` (the interpreter's numpy fast path)
-instead of `tl.sum`; on the GPU both compile to the same reduction.
+Imported only when a Triton method runs (never by `import leetdecoding`). Like every helper module of this
+package it imports none of the kernel modules or `ops`, so the imports point one way (no cycle).
 """
 
 from __future__ import annotations
@@ -16,15 +11,14 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 from ...decay import finite_log
+from ...inputs import compute_dtype_for
+from ..base import empty_output
+from .tile_math import LOW, SPLIT_BF16, SPLIT_TF32, WIDE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
-
-# The combine function of tl.sum. `tl.reduce(x, axis, SUM)` is tl.sum without the nested jit call.
-SUM = tl.standard._sum_combine
 
 # Accuracy of the tl.dot calls that meet an fp32 operand (decayed scores, a state) and an input tile:
 #   "accurate": about fp32 accuracy (default). fp32 inputs: three TF32 tensor-core products (tf32x3); 16-bit
@@ -34,68 +28,6 @@ SUM = tl.standard._sum_combine
 #   "fast":     the fp32 operand rounded to the input dtype (TF32 for fp32 inputs), one product, as fla does:
 #               fastest, about one rounding of the input dtype more error than the contract's tolerance allows.
 PRECISIONS = ("accurate", "ieee", "fast")
-
-# how `mixed_dot` multiplies (the MODE flag of the kernels)
-WIDE, SPLIT_BF16, SPLIT_TF32, LOW = 0, 1, 2, 3
-
-
-@triton.jit
-def split_hi_lo(w, MODE: tl.constexpr):
-    """w (fp32) as hi + lo for `mixed_dot`'s split modes. SPLIT_BF16 (1): hi and lo in bf16, w - hi - lo about
-    2^-17 |w|. SPLIT_TF32 (2): hi = w with its 13 low mantissa bits cleared (exact in TF32) and lo = w - hi exactly
-    in fp32; the TF32 product rounds lo once more (about 2^-21 |w| in all)."""
-    if MODE == 1:
-        hi = w.to(tl.bfloat16)
-        lo = (w - hi.to(tl.float32)).to(tl.bfloat16)
-    else:
-        hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        lo = w - hi
-    return hi, lo
-
-
-@triton.jit
-def mixed_dot(w, x, W_FIRST: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """w @ x (W_FIRST) or x @ w, for w in the accumulation dtype and x a tile of the inputs (any dtype).
-
-    WIDE (0): x widened to w's dtype, one dot at PREC. LOW (3): w rounded to x's dtype, one native dot.
-    SPLIT_BF16 (1) / SPLIT_TF32 (2): w split by `split_hi_lo` and two dots in which x is exact (16-bit inputs are
-    exact in TF32): about 2^-17 (bf16) or 2^-21 (TF32) relative error per product.
-    """
-    # (one return at the end: the compiler does not stop at a return inside a branch)
-    if MODE == 1 or MODE == 2:
-        hi, lo = split_hi_lo(w, MODE)
-        if MODE == 2:
-            x = x.to(tl.float32)
-        if W_FIRST:
-            out = tl.dot(hi, x, input_precision="tf32") + tl.dot(lo, x, input_precision="tf32")
-        else:
-            out = tl.dot(x, hi, input_precision="tf32") + tl.dot(x, lo, input_precision="tf32")
-    elif MODE == 3:
-        w = w.to(x.dtype)
-        if W_FIRST:
-            out = tl.dot(w, x)
-        else:
-            out = tl.dot(x, w)
-    else:
-        x = x.to(w.dtype)
-        if W_FIRST:
-            out = tl.dot(w, x, input_precision=PREC)
-        else:
-            out = tl.dot(x, w, input_precision=PREC)
-    return out
-
-
-@triton.jit
-def round_to_bf16(x):
-    """fp32 -> bf16 rounding to nearest even, in integer arithmetic. The interpreter's own fp32 -> bf16 cast
-    truncates (up to twice the rounding error); kernels use this there only (flag ROUND_BF16)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-
-
-def round_bf16(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype == torch.bfloat16
 
 
 def decay_power(log_decay: torch.Tensor, power: int) -> torch.Tensor:
@@ -141,125 +73,57 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def dtype_flags(dtype: torch.dtype) -> dict:
+    """The constexpr flags every kernel takes for its input dtype: ACC, the accumulation dtype, and ROUND_BF16,
+    round bf16 outputs with `tile_math.round_to_bf16` (the interpreter only: its own cast truncates)."""
+    return {"ACC": acc_dtype(dtype), "ROUND_BF16": INTERPRET and dtype == torch.bfloat16}
 
 
-def dot_flags(dtype: torch.dtype, precision: str) -> tuple[str, bool, int]:
-    """(input_precision of the fp32 dots, NATIVE_QK, MODE of `mixed_dot`) for the kernels.
+def dot_flags(dtype: torch.dtype, precision: str) -> dict:
+    """`dtype_flags` and the flags of the kernels' products: PREC (input_precision of the fp32 dots), NATIVE_QK
+    and MODE (of `tile_math.mixed_dot`).
 
     NATIVE_QK: q k^T (and the like) multiply the 16-bit inputs directly (exact products, fp32 accumulation).
     The interpreter's bf16 tl.dot is broken, so there every bf16 operand is widened first.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")
-    if dtype == torch.float64:
-        return "ieee", False, WIDE
     sixteen = dtype in (torch.float16, torch.bfloat16)
     native = sixteen and not INTERPRET
-    if precision == "ieee" or not sixteen:
-        return {"accurate": "tf32x3", "ieee": "ieee", "fast": "tf32"}[precision], native, WIDE
-    if precision == "fast":
-        return "tf32", native, LOW if native else WIDE
-    return "tf32x3", native, SPLIT_BF16 if native and dtype == torch.bfloat16 else SPLIT_TF32
+    if dtype == torch.float64:
+        prec, mode = "ieee", WIDE
+    elif precision == "ieee" or not sixteen:
+        prec, mode = {"accurate": "tf32x3", "ieee": "ieee", "fast": "tf32"}[precision], WIDE
+    elif precision == "fast":
+        prec, mode = "tf32", LOW if native else WIDE
+    else:
+        prec, mode = "tf32x3", SPLIT_BF16 if native and dtype == torch.bfloat16 else SPLIT_TF32
+    return {"PREC": prec, "NATIVE_QK": native, "MODE": mode, **dtype_flags(dtype)}
 
 
-def strides(t: torch.Tensor | None, ndim: int = 4) -> tuple[int, ...]:
-    """The strides of a (B, H, N, D) tensor; a (B, H, D) decode input gets a zero stride for N."""
-    if t is None:
-        return (0,) * ndim
-    if t.ndim == 3 and ndim == 4:
-        sb, sh, sd = t.stride()
-        return sb, sh, 0, sd
-    return tuple(t.stride())
+def forward_buffers(q: torch.Tensor, v: torch.Tensor, rows: int, output_final_state: bool):
+    """A forward's outputs: o (B, H, N, Dv) in q's dtype (`empty_output`) and the final state (rows, H, Dk, Dv) in
+    the accumulation dtype, or an empty tensor when it is not asked for."""
+    B, H, N, Dk = q.shape
+    o = empty_output((B, H, N, v.shape[-1]), q.dtype, q.device)
+    shape = (rows, H, Dk, v.shape[-1]) if output_final_state else (0,)
+    return o, torch.empty(shape, dtype=compute_dtype_for(q.dtype), device=q.device)
 
 
-# Set by `leetdecoding.methods.triton.compile_check` to compile for a GPU that is not here instead of launching.
-COMPILE_ONLY = None
-
-
-def launcher(kernel):
-    """The kernel to launch: `torch.library.wrap_triton(kernel)` where the ops are triton_ops (so that
-    torch.compile sees the kernel), the kernel itself otherwise."""
-    if COMPILE_ONLY is not None:
-        return COMPILE_ONLY(kernel)
-    from . import ops
-
-    return ops.wrap(kernel)
-
-
-# key -> index of the first launch variant that compiled on this device (see `launch`)
-_WORKING_VARIANT: dict = {}
-
-
-def launch(key, variants, run) -> None:
-    """Run `run(variant)` with the first of `variants` (fastest first, leanest last) that fits the device.
-
-    On a GPU a variant that needs more shared memory or registers than the device has fails when it is first
-    compiled, with OutOfResources: the next one is tried, and the first that works is remembered for `key`.
-    The interpreter has no such limits (and gets one variant).
-    """
-    from triton.runtime.errors import OutOfResources
-
-    first = _WORKING_VARIANT.get(key, 0)
-    for i in range(first, len(variants)):
-        try:
-            run(variants[i])
-        except OutOfResources:
-            if i == len(variants) - 1:
-                raise
-            continue
-        _WORKING_VARIANT[key] = i
-        return
-
-
-def chunk_variants(bt: int, stages: int) -> list[tuple[int, int]]:
-    """(BT, num_stages) to try: as given, then without software pipelining, then smaller chunks (down to 16)."""
-    if INTERPRET:
-        return [(bt, 1)]
-    out = [(bt, stages), (bt, 1)]
-    while bt > 16:
-        bt //= 2
-        out.append((bt, 1))
-    return out
-
-
-def warps(elements: int) -> int:
-    """num_warps for a program whose largest register tile has this many elements."""
-    if INTERPRET:
-        return 1
-    return 4 if elements <= 64 * 64 else 8
-
-
-def empty_output(shape, dtype, device) -> torch.Tensor:
-    """An output buffer: NaN-filled when the tests ask (so that an unwritten row cannot hide)."""
-    from .. import base
-
-    if base.FILL_UNWRITTEN_WITH_NAN:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-__all__ = [
-    "INTERPRET",
-    "PRECISIONS",
-    "SUM",
-    "acc_dtype",
-    "chunk_variants",
-    "decay_power",
-    "round_bf16",
-    "round_to_bf16",
-    "split_hi_lo",
-    "split_log_decay",
-    "dim_block",
-    "dot_flags",
-    "empty_output",
-    "launch",
-    "launcher",
-    "mixed_dot",
-    "next_pow2",
-    "strides",
-    "torch_acc_dtype",
-    "triton",
-    "warps",
-]
+def packed_rows(q: torch.Tensor, cu_seqlens: torch.Tensor | None, **states: torch.Tensor | None) -> int:
+    """Rows of the per-sequence states: B, or with `cu_seqlens` the number of packed sequences S. These are the
+    operators' own checks (leetdecoding.attention validates more before it gets here); no device sync."""
+    if cu_seqlens is None:
+        return q.shape[0]
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != q.device:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with S + 1 >= 2 offsets on {q.device}; got shape {tuple(cu_seqlens.shape)} "
+            f"on {cu_seqlens.device}."
+        )
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k, v must be packed as batch 1; got batch {q.shape[0]}.")
+    rows = cu_seqlens.numel() - 1
+    for name, state in states.items():
+        if state is not None and state.shape[0] != rows:
+            raise ValueError(f"{name} must have one row per sequence ({rows}); got shape {tuple(state.shape)}.")
+    return rows

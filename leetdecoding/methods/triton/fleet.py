@@ -15,100 +15,58 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    INTERPRET,
-    SUM,
-    acc_dtype,
-    decay_power,
-    dim_block,
-    empty_output,
-    launcher,
-    round_bf16,
-    round_to_bf16,
-    split_log_decay,
-    strides,
-    torch_acc_dtype,
-    warps,
-)
-
-_NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh"]
+from ...inputs import compute_dtype_for
+from .common import INTERPRET, decay_power, dim_block, dtype_flags, forward_buffers, split_log_decay
+from .launching import kernel_scale, launcher, scale_fp64, strides, warps
+from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head
+from .tile_math import SUM, round_to_bf16
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
+@triton.jit(do_not_specialize=NO_SPEC)
 def fleet_fwd_kernel(
-    Q, K, V, O, S0, SN, LOG_DECAY, DECAY,
-    scale, N, H, DK, DV,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    s0b, s0h, s0k, s0v,
+    q, k, v, o, s0, sn, log_decay, decay, scale, N, H, K, V,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, ATOMIC: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
-    i_bh = tl.program_id(0)  # batch * head on the first grid axis (up to 2^31 - 1 programs)
-    i_k = tl.program_id(1)
-    i_v = tl.program_id(2)
-    i_b = (i_bh // H).to(tl.int64)
-    i_h = (i_bh % H).to(tl.int64)
-    g_hi = tl.load(LOG_DECAY + 2 * i_h).to(ACC)  # log lambda = g_hi + g_lo: lambda^e = exp(g_hi e) exp(g_lo e)
-    g_lo = tl.load(LOG_DECAY + 2 * i_h + 1).to(ACC)  # (see `split_log_decay`: exact for e < 256, never -inf * 0)
-    c_hi = tl.load(DECAY + 2 * i_h)  # lambda^BT = c_hi + c_lo, accurate: it compounds over blocks
-    c_lo = tl.load(DECAY + 2 * i_h + 1)
-
-    o_t = tl.arange(0, BT)
-    o_t64 = o_t.to(tl.int64)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < DK
-    m_v = o_v < DV
-    m_ij = o_t[:, None] >= o_t[None, :]
-    e_d = tl.where(m_ij, o_t[:, None] - o_t[None, :], 0).to(ACC)
-    b_d = tl.where(m_ij, tl.exp(g_hi * e_d) * tl.exp(g_lo * e_d), 0)
-    b_d3 = tl.broadcast_to(b_d[None, :, :], (BK, BT, BT))  # the same scan for every d
-    e_q = (o_t + 1).to(ACC)
-    b_dq = tl.exp(g_hi * e_q) * tl.exp(g_lo * e_q)
-
-    p_q0 = Q + i_b * sqb + i_h * sqh + o_k[:, None] * sqd  # q and k loaded transposed: (BK, BT)
-    p_k0 = K + i_b * skb + i_h * skh + o_k[:, None] * skd
-    p_v0 = V + i_b * svb + i_h * svh + o_v[None, :] * svd
-    p_o0 = O + i_b * sob + i_h * soh + o_v[None, :] * sod
-
+    i_bh, i_b, i_h = program_head(H)
+    g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q = head_decays(log_decay, decay, i_h, BT, ACC)
+    b_lam_ij3 = tl.broadcast_to(b_lam_ij[None, :, :], (BK, BT, BT))  # the same scan for every d
+    o_k, m_k = block_range(tl.program_id(1), BK, K)
+    o_v, m_v = block_range(tl.program_id(2), BV, V)
     m_s = m_k[:, None] & m_v[None, :]
+
+    p_qt0 = q + i_b * sqb + i_h * sqh + o_k[:, None] * sqd  # q and k loaded transposed: (BK, BT)
+    p_kt0 = k + i_b * skb + i_h * skh + o_k[:, None] * skd
+    p_v0 = v + i_b * svb + i_h * svh + o_v[None, :] * svd
+    p_o0 = o + i_b * sob + i_h * soh + o_v[None, :] * sod
+
     b_p = tl.zeros([BK, BV], dtype=ACC)  # the rows P_d of this Dk block
     if USE_INITIAL_STATE:
-        p_s0 = S0 + i_b * s0b + i_h * s0h + o_k[:, None] * s0k + o_v[None, :] * s0v
-        b_p = tl.load(p_s0, mask=m_s, other=0).to(ACC)
+        b_p = tl.load(s0 + i_b * s0b + i_h * s0h + o_k[:, None] * s0k + o_v[None, :] * s0v, mask=m_s, other=0)
+        b_p = b_p.to(ACC)
 
     for i_c in range(0, (N + BT - 1) // BT):
-        r_t = i_c * BT + o_t64
-        m_t = r_t < N
+        r_t, m_t, n_c, b_lam_k, f_hi, f_lo = chunk_span(i_c, N, g_hi, g_lo, c_hi, c_lo, BT, ACC)
         m_kt = m_k[:, None] & m_t[None, :]
-        b_qt = tl.load(p_q0 + r_t[None, :] * sqn, mask=m_kt, other=0).to(ACC)
-        b_kt = tl.load(p_k0 + r_t[None, :] * skn, mask=m_kt, other=0).to(ACC)
-        b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0).to(ACC)
-        n_c = tl.minimum(N - i_c * BT, BT)
-        b_x = b_kt[:, :, None] * b_v[None, :, :]  # (BK, BT, BV): the rank-one terms k_t[d] v_t
-        b_y = tl.dot(b_d3, b_x, input_precision=PREC) + b_dq[None, :, None] * b_p[:, None, :]  # P_d(t)
-        b_o = tl.reduce(b_qt[:, :, None] * b_y, 0, SUM) * scale  # (BT, BV)
         m_o = m_t[:, None] & m_v[None, :]
+        b_qt = tl.load(p_qt0 + r_t[None, :] * sqn, mask=m_kt, other=0).to(ACC)
+        b_kt = tl.load(p_kt0 + r_t[None, :] * skn, mask=m_kt, other=0).to(ACC)
+        b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_o, other=0).to(ACC)
+        b_x = b_kt[:, :, None] * b_v[None, :, :]  # (BK, BT, BV): the rank-one terms k_t[d] v_t
+        b_y = tl.dot(b_lam_ij3, b_x, input_precision=PREC) + b_lam_q[None, :, None] * b_p[:, None, :]  # P_d(t)
+        b_o = tl.reduce(b_qt[:, :, None] * b_y, 0, SUM) * scale  # (BT, BV)
         if ATOMIC:
             tl.atomic_add(p_o0 + r_t[:, None] * son, b_o, mask=m_o)
         else:
             if ROUND_BF16:
                 b_o = round_to_bf16(b_o)
-            tl.store(p_o0 + r_t[:, None] * son, b_o.to(O.dtype.element_ty), mask=m_o)
-        e_k = tl.maximum(n_c - 1 - o_t, 0).to(ACC)
-        b_kd = tl.exp(g_hi * e_k) * tl.exp(g_lo * e_k)
-        e_c = n_c.to(ACC)
-        f_hi = tl.where(n_c == BT, c_hi, tl.exp(g_hi * e_c) * tl.exp(g_lo * e_c))
-        f_lo = tl.where(n_c == BT, c_lo, 0)
-        b_p = b_p * f_hi + b_p * f_lo + tl.reduce(b_x * b_kd[None, :, None], 1, SUM)
+            tl.store(p_o0 + r_t[:, None] * son, b_o.to(o.dtype.element_ty), mask=m_o)
+        b_p = b_p * f_hi + b_p * f_lo + tl.reduce(b_x * b_lam_k[None, :, None], 1, SUM)
 
-    if STORE_FINAL_STATE:
-        p_sn = SN + i_bh.to(tl.int64) * DK * DV + o_k[:, None] * DV + o_v[None, :]
-        tl.store(p_sn, b_p.to(SN.dtype.element_ty), mask=m_s)
+    if STORE_FINAL_STATE:  # sn is contiguous (B, H, K, V)
+        tl.store(sn + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_p.to(sn.dtype.element_ty), mask=m_s)
 
 
 def _tiles(dk: int, dv: int) -> tuple[int, int, int]:
@@ -124,25 +82,21 @@ def forward(q, k, v, log_decay, initial_state, scale: float, output_final_state:
     """o (B, H, N, Dv) in q's dtype, final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked)."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
-    acc = torch_acc_dtype(q.dtype)
     bt, bk, bv = _tiles(Dk, Dv)
     nk = triton.cdiv(Dk, bk)
-    o = empty_output((B, H, N, Dv), q.dtype, q.device)
-    out = o if nk == 1 else torch.zeros((B, H, N, Dv), dtype=acc, device=q.device)
-    final = torch.empty((B, H, Dk, Dv) if output_final_state else (0,), dtype=acc, device=q.device)
-    fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
+    o, final = forward_buffers(q, v, B, output_final_state)
+    out = o if nk == 1 else torch.zeros((B, H, N, Dv), dtype=compute_dtype_for(q.dtype), device=q.device)
     launcher(fleet_fwd_kernel)[(B * H, nk, triton.cdiv(Dv, bv))](
         q, k, v, out, initial_state if initial_state is not None else o, final,
         split_log_decay(log_decay), decay_power(log_decay, bt),
-        1.0 if fp64 else scale, N, H, Dk, Dv,
+        kernel_scale(scale, q.dtype), N, H, Dk, Dv,
         *strides(q), *strides(k), *strides(v), *strides(out), *strides(initial_state),
         BT=bt, BK=bk, BV=bv,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, ATOMIC=nk > 1,
-        ACC=acc_dtype(q.dtype), PREC="ieee" if fp64 else "tf32x3", ROUND_BF16=round_bf16(q.dtype),
+        PREC="ieee" if q.dtype == torch.float64 else "tf32x3", **dtype_flags(q.dtype),
         num_warps=warps(bk * bt * bv // 4), num_stages=2,
     )  # fmt: skip
-    if fp64 and scale != 1.0:
-        out.mul_(scale)
+    scale_fp64(out, scale)
     if out is not o:
         o.copy_(out)
     return o, final

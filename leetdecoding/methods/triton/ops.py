@@ -1,6 +1,10 @@
 """The Triton kernels as torch.library operators, so that torch.compile traces a model that calls `attention`
 without a graph break at the kernel call, and autograd reaches triton_chunked's backward.
 
+Imports the kernels' modules, which import the helper modules (`common`, `launching`, `prologue`, `tile_math`);
+none of those imports this one (the launch wrapper, `launching.launcher`, reads `launching.USE_TRITON_OP`), so
+the package has no import cycle.
+
 With torch >= 2.6 on a GPU the operators are `torch.library.triton_op`s: the kernels are launched through
 `wrap_triton`, so torch.compile sees the Triton kernels themselves. Under the interpreter (CPU tensors) or on
 an older torch they are opaque `torch.library.custom_op`s with a fake (shape-only) implementation.
@@ -18,16 +22,14 @@ import torch
 from torch import Tensor
 
 from ...amp import backward_without_autocast
+from ...inputs import compute_dtype_for
 from ..autograd import refuse_double_backward
-from .common import INTERPRET, torch_acc_dtype
+from . import fleet, recurrent
+from .chunked_bwd import backward as chunked_backward
+from .chunked_fwd import forward as chunked_forward
+from .launching import USE_TRITON_OP
 
 OptTensor = Tensor | None  # (a real type, not a string: older torch infers schemas from annotations)
-
-USE_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton") and not INTERPRET
-
-
-def wrap(kernel):
-    return torch.library.wrap_triton(kernel) if USE_TRITON_OP else kernel
 
 
 def device_of(t: Tensor):
@@ -66,17 +68,15 @@ def _chunked_fwd(
     precision: str,
     cu_seqlens: OptTensor,
 ) -> tuple[Tensor, Tensor]:
-    from . import chunked
-
     with device_of(q):
-        return chunked.forward(
+        return chunked_forward(
             q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision, cu_seqlens
         )
 
 
 def _chunked_fwd_fake(q, k, v, log_decay, initial_state, scale, output_final_state, chunk_size, precision, cu_seqlens):
     o = q.new_empty((*q.shape[:3], v.shape[3]))
-    return o, q.new_empty(_state_shape(q, v, output_final_state, cu_seqlens), dtype=torch_acc_dtype(q.dtype))
+    return o, q.new_empty(_state_shape(q, v, output_final_state, cu_seqlens), dtype=compute_dtype_for(q.dtype))
 
 
 def _chunked_bwd(
@@ -92,10 +92,8 @@ def _chunked_bwd(
     precision: str,
     cu_seqlens: OptTensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from . import chunked
-
     with device_of(q):
-        dq, dk, dv, dg, ds0 = chunked.backward(
+        dq, dk, dv, dg, ds0 = chunked_backward(
             q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision, cu_seqlens
         )
     return dq, dk, dv, dg, ds0 if ds0 is not None else q.new_empty((0,), dtype=log_decay.dtype)
@@ -137,7 +135,7 @@ def _chunked_setup(ctx, inputs, output):
 
 
 @backward_without_autocast
-def _chunked_backward(ctx, do, dfinal):
+def _chunked_grad(ctx, do, dfinal):
     q, k, v, log_decay, initial_state, final, cu_seqlens = ctx.saved_tensors
     if final is None or dfinal is None or dfinal.numel() == 0:
         dfinal, final = None, None
@@ -150,7 +148,7 @@ def _chunked_backward(ctx, do, dfinal):
     return *grads, None, None, None, None, None
 
 
-torch.library.register_autograd("leetdecoding::chunked_fwd", _chunked_backward, setup_context=_chunked_setup)
+torch.library.register_autograd("leetdecoding::chunked_fwd", _chunked_grad, setup_context=_chunked_setup)
 
 
 # ----- triton_recurrent, decode_step, triton_fleet -----
@@ -159,8 +157,6 @@ torch.library.register_autograd("leetdecoding::chunked_fwd", _chunked_backward, 
 def _recurrent_fwd(
     q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: OptTensor, scale: float, output_final_state: bool
 ) -> tuple[Tensor, Tensor]:
-    from . import recurrent
-
     with device_of(q):
         return recurrent.forward(q, k, v, log_decay, initial_state, scale, output_final_state)
 
@@ -168,8 +164,6 @@ def _recurrent_fwd(
 def _decode_step(
     q: Tensor, k: Tensor, v: Tensor, state: Tensor, log_decay: Tensor, scale: float, out_state: Tensor
 ) -> Tensor:
-    from . import recurrent
-
     with device_of(q):
         return recurrent.decode(q, k, v, state, log_decay, scale, out_state)
 
@@ -181,8 +175,6 @@ def _decode_step_fake(q, k, v, state, log_decay, scale, out_state):
 def _fleet_fwd(
     q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: OptTensor, scale: float, output_final_state: bool
 ) -> tuple[Tensor, Tensor]:
-    from . import fleet
-
     with device_of(q):
         return fleet.forward(q, k, v, log_decay, initial_state, scale, output_final_state)
 

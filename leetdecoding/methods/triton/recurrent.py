@@ -10,85 +10,64 @@ program (the interpreter runs programs one after another, and its cost is per op
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .common import (
-    INTERPRET,
-    SUM,
-    acc_dtype,
-    decay_power,
-    dim_block,
-    empty_output,
-    launcher,
-    round_bf16,
-    round_to_bf16,
-    strides,
-    torch_acc_dtype,
-    warps,
-)
-
-_NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh"]
+from ..base import empty_output
+from .common import INTERPRET, decay_power, dim_block, dtype_flags, forward_buffers
+from .launching import kernel_scale, launcher, scale_fp64, strides, warps
+from .prologue import NO_SPEC, block_range
+from .tile_math import SUM, round_to_bf16
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
+@triton.jit(do_not_specialize=NO_SPEC)
 def recurrent_fwd_kernel(
-    Q, K, V, O, S0, SN, DECAY,
-    scale, N, BH, H, DK, DV,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    s0b, s0h, s0k, s0v,
-    snb, snh, snk, snv,
+    q, k, v, o, s0, sn, decay, scale, N, BH, H, K, V,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    s0b, s0h, s0k, s0v, snb, snh, snk, snv,
     BB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
-    i_p = tl.program_id(0)  # groups of batch * head on the first grid axis (up to 2^31 - 1 programs)
-    i_v = tl.program_id(1)
-    o_bh = i_p * BB + tl.arange(0, BB)
-    m_bh = o_bh < BH
+    # groups of BB batch * heads on the first grid axis (up to 2^31 - 1 programs)
+    o_bh, m_bh = block_range(tl.program_id(0), BB, BH)
     i_b = (o_bh // H).to(tl.int64)
     i_h = (o_bh % H).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < DK
-    m_v = o_v < DV
+    o_k, m_k = block_range(0, BK, K)
+    o_v, m_v = block_range(tl.program_id(1), BV, V)
     # lambda = hi + lo per head (accurate: it multiplies the state once per token)
-    b_hi = tl.load(DECAY + 2 * i_h, mask=m_bh, other=0)[:, None, None]  # (BB, 1, 1)
-    b_lo = tl.load(DECAY + 2 * i_h + 1, mask=m_bh, other=0)[:, None, None]
+    b_lam_hi = tl.load(decay + 2 * i_h, mask=m_bh, other=0)[:, None, None]  # (BB, 1, 1)
+    b_lam_lo = tl.load(decay + 2 * i_h + 1, mask=m_bh, other=0)[:, None, None]
 
     m_qk = m_bh[:, None] & m_k[None, :]
     m_ov = m_bh[:, None] & m_v[None, :]
-    p_q = Q + (i_b * sqb + i_h * sqh)[:, None] + o_k[None, :] * sqd  # (BB, BK), advanced one token per step
-    p_k = K + (i_b * skb + i_h * skh)[:, None] + o_k[None, :] * skd
-    p_v = V + (i_b * svb + i_h * svh)[:, None] + o_v[None, :] * svd
-    p_o = O + (i_b * sob + i_h * soh)[:, None] + o_v[None, :] * sod
+    p_q = q + (i_b * sqb + i_h * sqh)[:, None] + o_k[None, :] * sqd  # (BB, BK), advanced one token per step
+    p_k = k + (i_b * skb + i_h * skh)[:, None] + o_k[None, :] * skd
+    p_v = v + (i_b * svb + i_h * svh)[:, None] + o_v[None, :] * svd
+    p_o = o + (i_b * sob + i_h * soh)[:, None] + o_v[None, :] * sod
 
     m_s = m_bh[:, None, None] & m_k[None, :, None] & m_v[None, None, :]
     b_s = tl.zeros([BB, BK, BV], dtype=ACC)
     if USE_INITIAL_STATE:
-        p_s0 = S0 + (i_b * s0b + i_h * s0h)[:, None, None] + o_k[None, :, None] * s0k + o_v[None, None, :] * s0v
+        p_s0 = s0 + (i_b * s0b + i_h * s0h)[:, None, None] + o_k[None, :, None] * s0k + o_v[None, None, :] * s0v
         b_s = tl.load(p_s0, mask=m_s, other=0).to(ACC)
 
-    for _ in range(0, N):
+    for _ in range(0, N):  # no jit helper call in here: one per token would cost in the interpreter
         b_q = tl.load(p_q, mask=m_qk, other=0).to(ACC)
         b_k = tl.load(p_k, mask=m_qk, other=0).to(ACC)
         b_v = tl.load(p_v, mask=m_ov, other=0).to(ACC)
-        b_s = b_s * b_hi + b_s * b_lo + b_k[:, :, None] * b_v[:, None, :]
+        b_s = b_s * b_lam_hi + b_s * b_lam_lo + b_k[:, :, None] * b_v[:, None, :]
         b_o = tl.reduce(b_q[:, :, None] * b_s, 1, SUM) * scale
         if ROUND_BF16:
             b_o = round_to_bf16(b_o)
-        tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_ov)
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_ov)
         p_q += sqn
         p_k += skn
         p_v += svn
         p_o += son
 
     if STORE_FINAL_STATE:
-        p_sn = SN + (i_b * snb + i_h * snh)[:, None, None] + o_k[None, :, None] * snk + o_v[None, None, :] * snv
-        tl.store(p_sn, b_s.to(SN.dtype.element_ty), mask=m_s)
+        p_sn = sn + (i_b * snb + i_h * snh)[:, None, None] + o_k[None, :, None] * snk + o_v[None, None, :] * snv
+        tl.store(p_sn, b_s.to(sn.dtype.element_ty), mask=m_s)
 
 
 def _tiles(bh: int, dk: int, dv: int) -> tuple[int, int, int]:
@@ -102,32 +81,25 @@ def _tiles(bh: int, dk: int, dv: int) -> tuple[int, int, int]:
 def _launch(q, k, v, o, initial_state, final, log_decay, scale, n, state_out_strides):
     B, H = q.shape[:2]
     Dk, Dv = q.shape[-1], v.shape[-1]
-    fp64 = q.dtype == torch.float64  # a Python float reaches the kernel as fp32: apply an fp64 scale afterwards
     bb, bk, bv = _tiles(B * H, Dk, Dv)
     grid = (triton.cdiv(B * H, bb), triton.cdiv(Dv, bv))
     launcher(recurrent_fwd_kernel)[grid](
         q, k, v, o, initial_state if initial_state is not None else o, final if final is not None else o,
         decay_power(log_decay, 1),
-        1.0 if fp64 else scale, n, B * H, H, Dk, Dv,
+        kernel_scale(scale, q.dtype), n, B * H, H, Dk, Dv,
         *strides(q), *strides(k), *strides(v), *strides(o), *strides(initial_state), *state_out_strides,
         BB=bb, BK=bk, BV=bv,
-        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final is not None, ACC=acc_dtype(q.dtype),
-        ROUND_BF16=round_bf16(q.dtype),
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=final is not None, **dtype_flags(q.dtype),
         num_warps=warps(bk * bv), num_stages=2,
     )  # fmt: skip
-    if fp64 and scale != 1.0:
-        o.mul_(scale)
+    scale_fp64(o, scale)
 
 
 def forward(q, k, v, log_decay, initial_state, scale: float, output_final_state: bool):
     """o (B, H, N, Dv) in q's dtype, final state (B, H, Dk, Dv) fp32 (an empty tensor when not asked)."""
-    B, H, N, Dk = q.shape
-    Dv = v.shape[-1]
-    o = empty_output((B, H, N, Dv), q.dtype, q.device)
-    shape = (B, H, Dk, Dv) if output_final_state else (0,)
-    final = torch.empty(shape, dtype=torch_acc_dtype(q.dtype), device=q.device)
+    o, final = forward_buffers(q, v, q.shape[0], output_final_state)
     out = final if output_final_state else None
-    _launch(q, k, v, o, initial_state, out, log_decay, scale, N, strides(out))
+    _launch(q, k, v, o, initial_state, out, log_decay, scale, q.shape[2], strides(out))
     return o, final
 
 

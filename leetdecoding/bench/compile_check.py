@@ -1,7 +1,7 @@
 """Compile every Triton kernel launch for a GPU that is not here, and report what each launch would use.
 
-    python -m leetdecoding.methods.triton.compile_check              # sm_90 (H100) and sm_80 (A100)
-    python -m leetdecoding.methods.triton.compile_check --arch 90 --quick
+    python -m leetdecoding.bench.compile_check              # sm_90 (H100) and sm_80 (A100)
+    python -m leetdecoding.bench.compile_check --arch 90 --quick
 
 Triton's interpreter checks what the kernels compute, not that they compile for a GPU. This runs the methods'
 own host code on small CPU tensors, but every launch is compiled by Triton's CUDA backend (with the ptxas that
@@ -122,25 +122,25 @@ def _tensors(dtype, dk, dv, N=100):
 
 
 def _chunked(dtype, dk, dv, precision, N=100):
-    from . import chunked
+    from ..methods.triton import chunked_bwd, chunked_fwd
 
     q, k, v, ld, s0 = _tensors(dtype, dk, dv, N)
-    o, _ = chunked.forward(q, k, v, ld, s0, 1.0, True, 64, precision)
-    chunked.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, precision)
+    o, _ = chunked_fwd.forward(q, k, v, ld, s0, 1.0, True, 64, precision)
+    chunked_bwd.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, precision)
 
 
 def _chunked_varlen(dtype, dk, dv, N=100):
-    from . import chunked
+    from ..methods.triton import chunked_bwd, chunked_fwd
 
     q, k, v, ld, _ = _tensors(dtype, dk, dv, N)
     cu = torch.tensor([0, N // 3, N])
     s0 = torch.randn(2, q.shape[1], dk, dv)
-    o, _ = chunked.forward(q, k, v, ld, s0, 1.0, True, 64, "accurate", cu)
-    chunked.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, "accurate", cu)
+    o, _ = chunked_fwd.forward(q, k, v, ld, s0, 1.0, True, 64, "accurate", cu)
+    chunked_bwd.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, "accurate", cu)
 
 
 def _recurrent(dtype, dk, dv, N=100):
-    from . import recurrent
+    from ..methods.triton import recurrent
 
     q, k, v, ld, s0 = _tensors(dtype, dk, dv, N)
     recurrent.forward(q, k, v, ld, s0, 1.0, True)
@@ -148,7 +148,7 @@ def _recurrent(dtype, dk, dv, N=100):
 
 
 def _fleet(dtype, dk, dv, N=100):
-    from . import fleet
+    from ..methods.triton import fleet
 
     q, k, v, ld, s0 = _tensors(dtype, dk, dv, N)
     fleet.forward(q, k, v, ld, s0, 1.0, True)
@@ -200,14 +200,14 @@ def run(arch: int, quick: bool) -> tuple[list[Compiled], list[str]]:
     """Compile every case for `arch`: (every compiled launch, the failures as messages)."""
     from triton.runtime import driver
 
-    from . import common
+    from ..methods.triton import launching
 
     recorder = Recorder(arch)
     failures = []
     previous = getattr(driver, "_active", None)  # None where this machine has no GPU driver
     driver.set_active(_Target(arch))
-    common.COMPILE_ONLY = recorder
-    common._WORKING_VARIANT.clear()
+    launching.COMPILE_ONLY = recorder
+    launching._WORKING_VARIANT.clear()
     try:
         for label, case, arguments in cases(quick):
             recorder.case = label
@@ -218,8 +218,8 @@ def run(arch: int, quick: bool) -> tuple[list[Compiled], list[str]]:
                 failures.append(f"sm_{arch} {label}: {type(e).__name__}: {first}")
         failures += [f"sm_{arch} recompiled for a new sequence length: {m}" for m in recompiled(recorder.rows)]
     finally:
-        common.COMPILE_ONLY = None
-        common._WORKING_VARIANT.clear()
+        launching.COMPILE_ONLY = None
+        launching._WORKING_VARIANT.clear()
         driver.set_active(previous)
     return recorder.rows, failures
 
