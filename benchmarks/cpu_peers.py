@@ -28,8 +28,8 @@ import leetdecoding as ld
 from benchmarks import peers as peer_loaders
 from benchmarks.common import feed, header, interleaved, minimax_core, minimax_log_decay
 from benchmarks.decay_cache import load_baseline
-from leetdecoding.bench.reference import TOLERANCE
 from leetdecoding.bench.timing import time_call
+from leetdecoding.methods.naive import TOLERANCE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEERS = ("leetdecoding-0.0.3", "minimax", "fla")

@@ -20,8 +20,8 @@ import torch
 import leetdecoding as ld
 from benchmarks.common import header
 from leetdecoding.bench.memory import measure_peak
-from leetdecoding.bench.reference import TOLERANCE, reference, relative_error
 from leetdecoding.bench.timing import interleaved, time_call
+from leetdecoding.methods.naive import TOLERANCE, reference, relative_error
 
 EXPONENT_TARGET = 1.05
 MIB = 2.0**20

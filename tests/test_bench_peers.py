@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import cpu_peers
-from leetdecoding.bench.reference import reference, relative_error
+from leetdecoding.methods.naive import reference, relative_error
 
 
 def test_reference_by_slices_matches_the_recurrence():

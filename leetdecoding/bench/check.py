@@ -11,7 +11,7 @@ import leetdecoding as ld
 
 from ..inputs import compute_dtype_for, validate
 from ..methods import REGISTRY, Method
-from .reference import TOLERANCE, Reference, reference, relative_error
+from ..methods.naive import TOLERANCE, Reference, reference, relative_error
 
 # One head per decay of interest: none, a long memory, a short one, almost none.
 DECAYS = (1.0, 1.0 - 2.0**-12, 0.5, 1e-6)
