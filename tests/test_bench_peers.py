@@ -1,5 +1,5 @@
 """benchmarks/cpu_peers.py's correctness check: its memory-lean fp64 reference and error measure agree with
-leetdecoding.bench.reference, and a case is timed only after its check (a wrong output is never timed)."""
+leetdecoding.methods.naive, and a case is timed only after its check (a wrong output is never timed)."""
 
 from __future__ import annotations
 
