@@ -4,6 +4,7 @@ its side is its own prefill loop or per-token cache path and nothing else."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 
 import torch
@@ -13,6 +14,16 @@ import leetdecoding as ld
 from leetdecoding.bench.machine import matmul_gflops
 from leetdecoding.bench.timing import interleaved  # noqa: F401 - the benchmarks import it from here
 from leetdecoding.device import device_name
+
+
+def arguments(doc: str, **defaults) -> argparse.ArgumentParser:
+    """A benchmark's command line, described by the first line of its docstring, with one option per keyword
+    (`--max-len` for max_len) of its default's type: the shape and repetition options every script takes.
+    Options that need a help text or no default are added to the parser returned."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    return p
 
 
 def header(title: str, device: str = "cpu") -> float:

@@ -11,22 +11,16 @@ over the whole state), timed in the same run as the baseline.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import leetdecoding as ld
-from benchmarks.common import feed, header, interleaved, minimax_core, minimax_log_decay
+from benchmarks.common import arguments, feed, header, interleaved, minimax_core, minimax_log_decay
 
 TARGET = 0.70  # issue 11: state traffic at 70% or more of the same run's copy bandwidth
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", default="1,16")
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=50)
+    p = arguments(__doc__, batch="1,16", heads=64, dim=128, rounds=50)
     p.add_argument("--dtype", default="fp32,bf16", help="q/k/v dtypes, comma list of fp32, bf16 (the state is fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args(argv)

@@ -8,8 +8,8 @@
 Timed: leetdecoding.attention (auto), LeetDecoding 0.0.3's block-based and lightningAttention2_torch, transformers'
 MiniMax prefill loop and fla's naive_chunk_simple_gla (benchmarks/peers.py loads them), H = 8, MiniMax decays
 (layer 0 of 12), scale 1, each peer given the inputs in its own layout and dtype, prepared outside the timed call.
-The error is leetdecoding.bench.reference's measure (max |o - o_ref| / the magnitude of the summed terms), against
-an fp64 reference computed one (batch row, head) at a time with leetdecoding's chunked method in fp64; an output
+The error is leetdecoding.methods.naive's measure (max |o - o_ref| / the magnitude of the summed terms), against
+the fp64 sums of leetdecoding.bench.sweep.fp64_sums computed one (batch row, head) at a time; an output
 outside TOLERANCE for its input dtype is reported WRONG and not timed. The checking call is each callable's warm-up.
 Useful GFLOP/s = 4 B H N Dk Dv / median time, as a fraction of the same run's torch.mm peak in that dtype.
 `measure(...)` returns the rows (dicts) that `main` prints.
@@ -28,8 +28,9 @@ import leetdecoding as ld
 from benchmarks import peers as peer_loaders
 from benchmarks.common import feed, header, interleaved, minimax_core, minimax_log_decay
 from benchmarks.decay_cache import load_baseline
-from leetdecoding.bench.reference import TOLERANCE
+from leetdecoding.bench.sweep import fp64_sums
 from leetdecoding.bench.timing import time_call
+from leetdecoding.methods.naive import TOLERANCE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEERS = ("leetdecoding-0.0.3", "minimax", "fla")
@@ -64,6 +65,18 @@ def _load(loader):
     return result
 
 
+def _peer(key: str, peers, loader, label: str, skipped: dict[str, str]):
+    """The loader's result when `key` is among the peers asked for; None when it is not, or when it cannot be
+    loaded (the reason then recorded as `skipped[label]`)."""
+    if key not in peers:
+        return None
+    try:
+        return _load(loader)
+    except peer_loaders.PeerUnavailable as err:
+        skipped[label] = str(err)
+        return None
+
+
 def entries(q, k, v, log_decay, peers, layer=0, baseline=None) -> tuple[list[Entry], dict[str, str]]:
     """The callables for these inputs, and the reason for each peer that cannot be loaded. `baseline`: another
     checkout's leetdecoding package (benchmarks.decay_cache.load_baseline), timed beside ours, not as a peer."""
@@ -77,20 +90,16 @@ def entries(q, k, v, log_decay, peers, layer=0, baseline=None) -> tuple[list[Ent
         theirs = partial(baseline.attention, q, k, v, log_decay=log_decay)
         out.append(Entry("leetdecoding before (--baseline, auto)", "before", False, 0, 4 * peak, lambda: theirs))
     skipped = {}
-    if "leetdecoding-0.0.3" in peers:
-        try:
-            fns = _load(peer_loaders.leetdecoding_003)
-        except peer_loaders.PeerUnavailable as err:
-            skipped["LeetDecoding 0.0.3"] = str(err)
-        else:
-            # lambda = exp(-gamma). block-based multiplies gamma's weights into its bf16 products: gamma in q's dtype;
-            # lightningAttention2_torch converts gamma to fp32 itself.
-            for name, short, gamma in (
-                ("block-based", "block-based", -log_decay.to(q.dtype)),
-                ("lightningAttention2_torch", "lightning2", -log_decay),
-            ):
-                call = partial(fns[name], q, k, v, gamma)
-                out.append(Entry(f"LeetDecoding 0.0.3 {name}", short, True, 0, 2 * e * s, lambda call=call: call))
+    fns = _peer("leetdecoding-0.0.3", peers, peer_loaders.leetdecoding_003, "LeetDecoding 0.0.3", skipped)
+    if fns is not None:
+        # lambda = exp(-gamma). block-based multiplies gamma's weights into its bf16 products: gamma in q's dtype;
+        # lightningAttention2_torch converts gamma to fp32 itself.
+        for name, short, gamma in (
+            ("block-based", "block-based", -log_decay.to(q.dtype)),
+            ("lightningAttention2_torch", "lightning2", -log_decay),
+        ):
+            call = partial(fns[name], q, k, v, gamma)
+            out.append(Entry(f"LeetDecoding 0.0.3 {name}", short, True, 0, 2 * e * s, lambda call=call: call))
 
     def minimax():
         module = minimax_core(h, d, layer).to(q.dtype)  # a bf16 model's module: its decay buffers and state in bf16
@@ -102,22 +111,16 @@ def entries(q, k, v, log_decay, peers, layer=0, baseline=None) -> tuple[list[Ent
 
     if "minimax" in peers:
         out.append(Entry("transformers MiniMax prefill loop", "minimax", True, 4 * e * s, 5 * e * s, minimax, unpack))
-    if "fla" in peers:
-        try:
-            naive = _load(peer_loaders.fla_naive_chunk)
-        except peer_loaders.PeerUnavailable as err:
-            skipped["fla naive_chunk_simple_gla"] = str(err)
-        else:
+    naive = _peer("fla", peers, peer_loaders.fla_naive_chunk, "fla naive_chunk_simple_gla", skipped)
+    if naive is not None:
 
-            def fla():
-                qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # fla's (B, T, H, D)
-                g = log_decay.expand(b, n, h).contiguous()  # the per-token log decay, (B, T, H), fp32
-                return lambda: naive(qf, kf, vf, g, scale=1.0)[0]
+        def fla():
+            qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # fla's (B, T, H, D)
+            g = log_decay.expand(b, n, h).contiguous()  # the per-token log decay, (B, T, H), fp32
+            return lambda: naive(qf, kf, vf, g, scale=1.0)[0]
 
-            work = 5 * e * 4 + 3 * b * h * n * 64 * 4  # fp32 copies, output, (B, H, N, 64) decay masks
-            out.append(
-                Entry("fla naive_chunk_simple_gla", "fla", True, 3 * e * s, work, fla, lambda o: o.transpose(1, 2))
-            )
+        work = 5 * e * 4 + 3 * b * h * n * 64 * 4  # fp32 copies, output, (B, H, N, 64) decay masks
+        out.append(Entry("fla naive_chunk_simple_gla", "fla", True, 3 * e * s, work, fla, lambda o: o.transpose(1, 2)))
     return out, skipped
 
 
@@ -127,10 +130,8 @@ def fp64_reference(q, k, v, log_decay, dtype=torch.float64) -> tuple[torch.Tenso
     o_abs = torch.empty_like(o)
     for i in range(q.shape[0]):
         for j in range(q.shape[1]):
-            x = [t[i : i + 1, j : j + 1].double() for t in (q, k, v)]
-            lj = log_decay[j : j + 1].double()
-            o[i, j] = ld.attention(*x, log_decay=lj, method="chunked")[0, 0]
-            o_abs[i, j] = ld.attention(*(t.abs() for t in x), log_decay=lj, method="chunked")[0, 0]
+            sums = fp64_sums(*(t[i : i + 1, j : j + 1] for t in (q, k, v)), log_decay[j : j + 1])
+            o[i, j], o_abs[i, j] = (t[0, 0] for t in sums)
     return o, o_abs
 
 

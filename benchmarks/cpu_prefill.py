@@ -5,22 +5,14 @@ python benchmarks/cpu_prefill.py                # B=1, H=8, N=16384, D=128, fp32
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import leetdecoding as ld
-from benchmarks.common import feed, header, interleaved, minimax_core, minimax_log_decay
+from benchmarks.common import arguments, feed, header, interleaved, minimax_core, minimax_log_decay
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--n", type=int, default=16384)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, batch=1, heads=8, n=16384, dim=128, rounds=5).parse_args(argv)
     mm = header(f"prefill B={a.batch} H={a.heads} N={a.n} D={a.dim} fp32, MiniMax decays (layer 0 of 12)")
     torch.manual_seed(0)
     q, k, v = (torch.randn(a.batch, a.heads, a.n, a.dim) for _ in range(3))

@@ -12,16 +12,14 @@ Every output is checked against the fp64 reference at the shortest length first.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
 import leetdecoding as ld
-from benchmarks.common import header
+from benchmarks.common import arguments, header
 from leetdecoding.bench.memory import measure_peak
-from leetdecoding.bench.reference import TOLERANCE, reference, relative_error
 from leetdecoding.bench.timing import interleaved, time_call
+from leetdecoding.methods.naive import TOLERANCE, reference, relative_error
 
 EXPONENT_TARGET = 1.05
 MIB = 2.0**20
@@ -62,12 +60,7 @@ def one_length(n: int, heads: int, dim: int, rounds: int) -> tuple[float, int | 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", default="4096,16384,65536,262144")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, n="4096,16384,65536,262144", heads=8, dim=128, rounds=3).parse_args(argv)
     ns = [int(x) for x in a.n.split(",")]
     header(f"scaling of attention (auto), B=1 H={a.heads} D={a.dim} fp32, MiniMax decays")
     print(f"error against fp64 at N={ns[0]}: {check(ns[0], a.heads, a.dim):.1e}")

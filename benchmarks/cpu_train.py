@@ -7,12 +7,10 @@ MiniMaxLightningAttention prefill loop, on the same inputs; time and peak memory
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import leetdecoding as ld
-from benchmarks.common import feed, header, interleaved, minimax_core, minimax_log_decay
+from benchmarks.common import arguments, feed, header, interleaved, minimax_core, minimax_log_decay
 from benchmarks.decay_cache import load_baseline
 from leetdecoding.bench.memory import measure_peak
 
@@ -20,11 +18,7 @@ TRAIN_PEAK_TARGET = 0.35
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", default="4096,16384,65536")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p = arguments(__doc__, n="4096,16384,65536", heads=8, dim=128, rounds=3)
     p.add_argument("--baseline", help="a checkout of another commit, timed beside this one (e.g. a git worktree)")
     a = p.parse_args(argv)
     baseline = load_baseline(a.baseline) if a.baseline else None

@@ -10,9 +10,11 @@ scale D^-0.5. Decode: one token at B in {1, 64}: the fused Triton decode step (s
 leetdecoding.decode_step (torch), fla's fused_recurrent_simple_gla and transformers' MiniMax cache path.
 
 Every output (and, up to N = 16384, every gradient) is compared with an fp64 computation before anything is
-timed; a row whose error exceeds its dtype's bound is marked WRONG and no speed-up is printed for it. Optional
-competitors (fla, transformers) that fail to import are skipped with a note. Times are medians of CUDA-event
-timings after warm-up; TFLOP/s counts the chunked algorithm's useful work, GB/s the decode step's state traffic.
+timed, by leetdecoding.methods.naive's measure (max |err| / the magnitude of the summed terms); a row whose error
+exceeds its dtype's TOLERANCE (rows that round operands on purpose: `rounded_operand_tolerance`) is marked WRONG
+and no speed-up is printed for it. Optional competitors (fla, transformers) that fail to import are skipped with
+a note. Times are medians of CUDA-event timings after warm-up; TFLOP/s counts the chunked algorithm's useful
+work, GB/s the decode step's state traffic.
 """
 
 from __future__ import annotations
@@ -25,19 +27,20 @@ import traceback
 import torch
 
 import leetdecoding as ld
+from leetdecoding.bench.sweep import fp64_sums
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import TOLERANCE, reference, relative_error, rounded_operand_tolerance
 
-# Relative error bounds (max |err| / max |ref|): exact rows (triton_chunked's default "accurate", the torch methods)
-# against rows that round products to TF32 / bf16 on purpose (our "fast", fla, transformers' loop on a GPU).
-BOUND = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-BOUND_ROUNDED = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 GRAD_CHECK_MAX_N = 16384
 DECODE_STEPS = 50
 
 
 def bound(dtype, name: str) -> float:
+    """The largest relative_error accepted: the contract's TOLERANCE for exact rows (triton_chunked's default
+    "accurate", the torch methods); rows that round an fp32 operand to TF32 / bf16 on purpose (our "fast", fla,
+    transformers' loop on a GPU) get naive.rounded_operand_tolerance, derived from the same table."""
     rounded = "fast" in name or "fla" in name or "transformers" in name
-    return (BOUND_ROUNDED if rounded else BOUND)[dtype]
+    return rounded_operand_tolerance(dtype) if rounded else TOLERANCE[dtype]
 
 
 def cuda_time(fn, budget_s: float = 0.5, max_reps: int = 30, warmup: int = 2) -> tuple[float, float]:
@@ -59,8 +62,16 @@ def cuda_time(fn, budget_s: float = 0.5, max_reps: int = 30, warmup: int = 2) ->
     return statistics.median(times), q[2] - q[0]
 
 
-def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-30)).item()
+def fp64_gradients(q, k, v, log_decay, scale, do) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(gradient, magnitude of the terms it sums) for q, k and v, in fp64 by the torch chunked method: the
+    gradients of the output against `do`, and the same on |q|, |k|, |v|, |do| with |scale| (the decays are
+    positive). The naive closed form would need an (H, N, N) matrix at N = 16384."""
+    sums = []
+    for take, s in ((torch.Tensor.double, scale), (lambda t: t.double().abs(), abs(scale))):
+        leaves = [take(t).requires_grad_() for t in (q, k, v)]
+        o = ld.attention(*leaves, log_decay=log_decay.double(), scale=s, method="chunked")
+        sums.append(torch.autograd.grad(o, leaves, take(do)))
+    return list(zip(*sums))
 
 
 def try_import_fla():
@@ -130,12 +141,8 @@ def prefill_case(table, n, heads, dim, dtype, fla_chunk, notes) -> list[dict]:
     do = torch.randn_like(q)
     flops = 2.0 * heads * n * (64 * 2 * dim + 2 * dim * dim)  # the chunked algorithm's work, C = 64
     auto = ld.explain(q, k, v, log_decay=log_decay, scale=scale).method
-    ref = ld.attention(q.double(), k.double(), v.double(), log_decay=log_decay.double(), scale=scale, method="chunked")
-    ref_grads = None
-    if n <= GRAD_CHECK_MAX_N:
-        leaves = [t.double().requires_grad_() for t in (q, k, v)]
-        o64 = ld.attention(*leaves, log_decay=log_decay.double(), scale=scale, method="chunked")
-        ref_grads = torch.autograd.grad(o64, leaves, do.double())
+    ref = fp64_sums(q, k, v, log_decay, scale)
+    ref_grads = fp64_gradients(q, k, v, log_decay, scale, do) if n <= GRAD_CHECK_MAX_N else None
 
     def ours(q, k, v, method="triton_chunked", precision=None):
         if precision is None:
@@ -165,8 +172,7 @@ def prefill_case(table, n, heads, dim, dtype, fla_chunk, notes) -> list[dict]:
     refs = {name: ref for name in fwd_cases}
     if "transformers MiniMax loop" in fwd_cases:
         # its own decays (rounded to its dtype with the module) and no scale: compared with its own reference
-        mm_log_decay = -module.slope_rate.reshape(-1).double()
-        refs["transformers MiniMax loop"] = ld.attention(q.double(), k.double(), v.double(), log_decay=mm_log_decay)
+        refs["transformers MiniMax loop"] = fp64_sums(q, k, v, -module.slope_rate.reshape(-1))
     rows = [measure(table, dtype, n, name, "fwd", fn, refs[name], None, flops, auto) for name, fn in fwd_cases.items()]
     del refs
 
@@ -197,9 +203,9 @@ def measure(table, dtype, n, name, mode, fn, ref, ref_grads, flops, auto) -> dic
     try:
         out = fn()
         if ref is not None:
-            err = rel_error(out, ref)
+            err = relative_error(out, *ref)
         elif ref_grads is not None:
-            err = max(rel_error(g, r) for g, r in zip(out, ref_grads))
+            err = max(relative_error(g, *r) for g, r in zip(out, ref_grads))
         else:
             err = float("nan")
         del out
@@ -236,9 +242,8 @@ def decode_case(table, b, heads, dim, dtype, fla_recurrent) -> list[dict]:
     torch.manual_seed(b)
     q, k, v = (torch.randn(b, heads, dim, device="cuda", dtype=dtype) for _ in range(3))
     state = torch.randn(b, heads, dim, dim, device="cuda")
-    new_state = torch.exp(log_decay.double()).view(1, -1, 1, 1) * state.double()
-    new_state = new_state + k.double()[..., None] * v.double()[..., None, :]
-    ref = torch.einsum("bhd,bhde->bhe", q.double(), new_state) * scale
+    one = reference(q[:, :, None], k[:, :, None], v[:, :, None], log_decay.double().exp(), state, scale)  # on CPU
+    ref = one.o[:, :, 0], one.o_abs[:, :, 0]
     traffic = 2 * state.numel() * 4  # the fp32 state read and written once per token
     buf = state.clone()
     cases = {
@@ -257,7 +262,7 @@ def decode_case(table, b, heads, dim, dtype, fla_recurrent) -> list[dict]:
         row = {"dtype": str(dtype).replace("torch.", ""), "b": b, "method": name}
         try:
             buf.copy_(state)
-            err = rel_error(fn(), ref)
+            err = relative_error(fn(), *ref)
 
             def loop(fn=fn):
                 for _ in range(DECODE_STEPS):
@@ -285,8 +290,8 @@ def varlen(heads, dim, dtype, sequences: int = 64, longest: int = 2048) -> None:
     bounds = list(zip(cu.tolist(), cu.tolist()[1:]))
     log_decay = ld.decay.minimax(heads, 0, 12).cuda()
     q, k, v = (torch.randn(1, heads, int(cu[-1]), dim, device="cuda", dtype=dtype) for _ in range(3))
-    ref = torch.cat([ld.attention(q[:, :, a:b].double(), k[:, :, a:b].double(), v[:, :, a:b].double(),
-                                  log_decay=log_decay.double(), method="chunked") for a, b in bounds], 2)  # fmt: skip
+    sums = [fp64_sums(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], log_decay) for a, b in bounds]
+    ref = [torch.cat(parts, 2) for parts in zip(*sums)]
     cases = {
         "triton_chunked, cu_seqlens": lambda: ld.attention(q, k, v, log_decay=log_decay, cu_seqlens=cu),
         "triton_chunked, one call per sequence": lambda: torch.cat(
@@ -294,7 +299,7 @@ def varlen(heads, dim, dtype, sequences: int = 64, longest: int = 2048) -> None:
         ),
     }
     for name, fn in cases.items():
-        err = rel_error(fn(), ref)
+        err = relative_error(fn(), *ref)
         table.row(name, cuda_time(fn)[0], err, "ok" if err <= bound(dtype, name) else "WRONG")
 
 

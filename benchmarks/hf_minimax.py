@@ -16,13 +16,12 @@ a speed otherwise.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
-from benchmarks.common import feed, header, interleaved, minimax_core
+from benchmarks.common import arguments, feed, header, interleaved, minimax_core
 from leetdecoding.bench.timing import TimingStats
 from leetdecoding.integrations import hf_minimax
 
@@ -153,21 +152,13 @@ def row(name: str, s: TimingStats, unit: float, label: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the layer benchmark's shape, then the decode model's
+    p = arguments(__doc__, hidden=1024, heads=8, head_dim=128, model_hidden=256, model_heads=4, model_head_dim=64,
+                  vocab=512, prompt=512, steps=32, rounds=5)  # fmt: skip
     p.add_argument("--n", type=int, default=8192, help="prefill length of the layer benchmark")
     p.add_argument("--continue-n", type=int, default=2048, help="new tokens after a cached state, one call")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=8, help="layers of the decode model")
-    p.add_argument("--model-hidden", type=int, default=256)
-    p.add_argument("--model-heads", type=int, default=4)
-    p.add_argument("--model-head-dim", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--steps", type=int, default=32)
     p.add_argument("--batch", type=int, default=1, help="batch of the decode model")
-    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--parts", default="layer,decode", help="what to run: layer, decode or both")
     a = p.parse_args(argv)

@@ -16,9 +16,9 @@ import time
 import torch
 
 from leetdecoding import dispatch
-from leetdecoding.bench.reference import TOLERANCE, reference
 from leetdecoding.inputs import validate
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import TOLERANCE, reference
 
 DECAYS = (0.9, 0.5, 0.3, 0.2, 0.1, 0.05, 0.01, 1e-6)
 CHUNKS = (16, 32, 64, 128)

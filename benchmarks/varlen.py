@@ -5,23 +5,14 @@ python -m benchmarks.varlen              # 16 sequences, lengths drawn from 1..4
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import leetdecoding as ld
-from benchmarks.common import header, interleaved
+from benchmarks.common import arguments, header, interleaved
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sequences", type=int, default=16)
-    p.add_argument("--max-len", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, sequences=16, max_len=4096, heads=8, dim=128, rounds=5, seed=0).parse_args(argv)
     g = torch.Generator().manual_seed(a.seed)
     lengths = torch.randint(1, a.max_len + 1, (a.sequences,), generator=g)
     total = int(lengths.sum())

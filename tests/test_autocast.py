@@ -10,9 +10,10 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import TOLERANCE, reference, reference_closed_form
 from leetdecoding.nn import DecayingLinearAttention, LinearAttentionCache
 
-from .reference import TOLERANCE, assert_close, reference, reference_closed_form
+from .reference import assert_close
 from .runnable import RUNNABLE_ON_CPU
 
 DECAY = torch.tensor([0.9, 0.5])

@@ -1,5 +1,5 @@
 """benchmarks/cpu_peers.py's correctness check: its memory-lean fp64 reference and error measure agree with
-leetdecoding.bench.reference, and a case is timed only after its check (a wrong output is never timed)."""
+leetdecoding.methods.naive, and a case is timed only after its check (a wrong output is never timed)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import cpu_peers
-from leetdecoding.bench.reference import reference, relative_error
+from leetdecoding.methods.naive import reference, relative_error
 
 
 def test_reference_by_slices_matches_the_recurrence():

@@ -9,8 +9,9 @@ import leetdecoding as ld
 from leetdecoding import dispatch
 from leetdecoding.inputs import validate
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import reference
 
-from .reference import assert_close, reference
+from .reference import assert_close
 
 
 def step_inputs(b=2, h=3, dk=8, dv=5, dtype=torch.float32, seed=0):

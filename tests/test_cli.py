@@ -15,9 +15,9 @@ import torch
 
 from leetdecoding import dispatch
 from leetdecoding.bench import PeakMemory, SweepConfig, run_sweep, time_call
-from leetdecoding.bench.reference import reference, relative_error
 from leetdecoding.cli import main
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import reference, relative_error
 
 from .runnable import RUNNABLE_ON_CPU
 

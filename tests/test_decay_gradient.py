@@ -13,8 +13,7 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding.methods.chunked import ChunkedFunction
-
-from .reference import reference_closed_form
+from leetdecoding.methods.naive import reference_closed_form
 
 GRAD_METHODS = ["chunked", "recurrent", "vanilla", "recursion"]
 

@@ -12,8 +12,9 @@ import torch
 import leetdecoding as ld
 from leetdecoding import memo
 from leetdecoding.methods import recurrent
+from leetdecoding.methods.naive import reference
 
-from .reference import assert_close, reference
+from .reference import assert_close
 
 B, H, DK, DV = 3, 5, 12, 20
 LOG_DECAY = torch.tensor([0.0, -(2**-12), -0.7, -13.8, -1e300], dtype=torch.float64)  # the last: lambda = 0

@@ -9,8 +9,9 @@ import leetdecoding as ld
 from leetdecoding import dispatch
 from leetdecoding.methods import REGISTRY
 from leetdecoding.methods.decode import DECODE_REGISTRY
+from leetdecoding.methods.naive import reference
 
-from .reference import assert_close, reference
+from .reference import assert_close
 from .runnable import RUNNABLE_ON_CPU
 
 

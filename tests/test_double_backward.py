@@ -10,8 +10,8 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import reference_closed_form
 
-from .reference import reference_closed_form
 from .runnable import RUNNABLE_ON_CPU
 
 TORCH_GRAD_METHODS = [n for n, m in REGISTRY.items() if m.supports_grad and m.backend == "torch"]

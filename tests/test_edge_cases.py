@@ -12,9 +12,10 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding import dispatch
+from leetdecoding.methods.naive import reference
 from leetdecoding.nn import DecayingLinearAttention
 
-from .reference import assert_close, reference
+from .reference import assert_close
 
 
 def problem(n=12, b=1, h=2, dk=4, dv=4, dtype=torch.float64, seed=0):

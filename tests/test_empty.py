@@ -15,6 +15,7 @@ from leetdecoding import dispatch
 from leetdecoding.bench import sweep
 from leetdecoding.inputs import validate
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import relative_error
 
 from .runnable import RUNNABLE_ON_CPU
 
@@ -100,5 +101,7 @@ def test_method_forward_at_zero_tokens():
 
 def test_bench_formulas_at_zero_tokens():
     empty = torch.zeros(1, H, 0, DV)
-    assert sweep.max_relative_error(empty, empty.double()) == 0.0
+    q = torch.zeros(1, H, 0, DK)
+    o64, o_abs = sweep.fp64_sums(q, q, empty, torch.full((H,), -0.1))
+    assert o64.shape == empty.shape and relative_error(empty, o64, o_abs) == 0.0
     assert sweep.predicted_seconds(REGISTRY["chunked"], 256, (0, 1e-4), 3) is None  # nothing to scale from

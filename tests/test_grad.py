@@ -8,8 +8,7 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding.methods import REGISTRY
-
-from .reference import reference_closed_form
+from leetdecoding.methods.naive import reference_closed_form
 
 GRAD_METHODS = [n for n, m in REGISTRY.items() if m.supports_grad and m.backend == "torch"]
 LOG_DECAYS = torch.log(torch.tensor([1.0, 1 - 2**-12, 0.5, 1e-6], dtype=torch.float64))

@@ -18,8 +18,7 @@ import leetdecoding as ld  # noqa: E402
 from leetdecoding import dispatch  # noqa: E402
 from leetdecoding.integrations import hf_minimax  # noqa: E402
 from leetdecoding.integrations.hf_minimax import LeetMiniMaxCache  # noqa: E402
-
-from .reference import reference_closed_form  # noqa: E402
+from leetdecoding.methods.naive import reference_closed_form  # noqa: E402
 
 FULL, LINEAR = "full_attention", "linear_attention"
 VOCAB = 128

@@ -10,8 +10,9 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding.methods import REGISTRY
+from leetdecoding.methods.naive import TOLERANCE, reference
 
-from .reference import TOLERANCE, assert_close, reference
+from .reference import assert_close
 from .runnable import RUNNABLE_ON_CPU
 
 METHODS = RUNNABLE_ON_CPU

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import leetdecoding as ld
+from leetdecoding.methods.naive import reference_closed_form
 from leetdecoding.nn import DecayingLinearAttention, LinearAttentionCache
-
-from .reference import reference_closed_form
 
 
 def layer(**kw):

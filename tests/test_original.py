@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import leetdecoding as ld
+from leetdecoding.methods.naive import reference
 from leetdecoding.original import ALIASES
 
-from .reference import assert_close, reference
+from .reference import assert_close
 
 
 def inputs(h=8, n=258, dk=16, dv=24):

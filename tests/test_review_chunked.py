@@ -13,8 +13,9 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding.methods import base
+from leetdecoding.methods.naive import reference, reference_closed_form
 
-from .reference import assert_close, reference, reference_closed_form
+from .reference import assert_close
 
 
 @pytest.fixture(autouse=True)

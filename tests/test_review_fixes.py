@@ -9,9 +9,10 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding import dispatch
+from leetdecoding.methods.naive import reference
 from leetdecoding.nn import DecayingLinearAttention
 
-from .reference import assert_close, reference
+from .reference import assert_close
 
 TINY32 = torch.finfo(torch.float32).tiny
 

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import leetdecoding as ld
+from leetdecoding.methods.naive import TOLERANCE, reference
 
-from .reference import TOLERANCE, assert_close, reference
+from .reference import assert_close
 from .runnable import RUNNABLE_ON_CPU
 
 DECAYS = torch.tensor([1.0, 1 - 2**-12, 0.5, 1e-6], dtype=torch.float64)

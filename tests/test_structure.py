@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "leetdecoding"
@@ -65,3 +67,15 @@ def test_the_runtime_never_imports_the_developer_tools():
     runtime = {n: p for n, p in known.items() if not n.startswith(DEVELOPER_TOOLS)}
     wrong = {n: sorted(t for t in imports(n, p, known) if t.startswith(DEVELOPER_TOOLS)) for n, p in runtime.items()}
     assert not {n: t for n, t in wrong.items() if t}
+
+
+def test_a_call_loads_neither_the_reference_nor_the_developer_tools():
+    code = (
+        "import sys, torch, leetdecoding as ld\n"
+        "q = torch.randn(1, 2, 300, 8)\n"
+        "o, s = ld.attention(q, q, q, decay=0.9, output_final_state=True)\n"
+        "ld.decode_step(q[:, :, 0], q[:, :, 0], q[:, :, 0], s, decay=0.9)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('leetdecoding.bench', 'leetdecoding.methods.naive'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import leetdecoding as ld
-
-from .reference import reference_closed_form
+from leetdecoding.methods.naive import reference_closed_form
 
 N = 20
 

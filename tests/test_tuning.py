@@ -11,8 +11,9 @@ import torch
 import leetdecoding as ld
 from leetdecoding import dispatch, tuning
 from leetdecoding.cli import main
+from leetdecoding.methods.naive import reference
 
-from .reference import assert_close, reference
+from .reference import assert_close
 
 
 @pytest.fixture

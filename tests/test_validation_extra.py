@@ -10,9 +10,10 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding import dispatch
+from leetdecoding.methods.naive import reference
 from leetdecoding.nn import DecayingLinearAttention, LinearAttentionCache
 
-from .reference import assert_close, reference
+from .reference import assert_close
 
 DECAYS = torch.tensor([0.9, 0.5], dtype=torch.float64)
 

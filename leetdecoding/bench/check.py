@@ -11,7 +11,7 @@ import leetdecoding as ld
 
 from ..inputs import compute_dtype_for, validate
 from ..methods import REGISTRY, Method
-from .reference import TOLERANCE, Reference, reference, relative_error
+from ..methods.naive import TOLERANCE, Reference, reference, relative_error
 
 # One head per decay of interest: none, a long memory, a short one, almost none.
 DECAYS = (1.0, 1.0 - 2.0**-12, 0.5, 1e-6)
@@ -67,13 +67,18 @@ def _refusal(method: Method, dtype: torch.dtype, device: str) -> list[str]:
     return method.not_supported_reasons(x)
 
 
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """The contract's tolerance for the output (the input dtype) and for the final state (the compute dtype)."""
+    return TOLERANCE[dtype], TOLERANCE[compute_dtype_for(dtype)]
+
+
 def check_method(method: Method, dtype: torch.dtype, device: str, lengths=LENGTHS) -> CheckResult:
     """Run `method` in `dtype` on every length; the worst output or state error decides PASS or FAIL."""
     name = dtype_name(dtype)
     reasons = _refusal(method, dtype, device)
     if reasons:
         return CheckResult(method.name, name, "SKIP", None, "; ".join(reasons))
-    tol_o, tol_s = TOLERANCE[dtype], TOLERANCE[compute_dtype_for(dtype)]
+    tol_o, tol_s = tolerances(dtype)
     worst, where = 0.0, ""
     for n in lengths:
         c = _case(n, dtype, device)

@@ -21,16 +21,14 @@ from .. import dispatch
 from ..choice import MethodRefusedError
 from ..inputs import AttentionInputs, validate
 from ..methods import REGISTRY, Method
+from ..methods.naive import TOLERANCE, relative_error
 from .memory import measure_peak
 from .timing import time_call
 
-# Largest max|o - o64| / max|o64| accepted before a result is marked wrong, per input dtype.
-ERROR_LIMIT = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.float16: 1e-2,
-    torch.bfloat16: 1e-2,
-}
+
+def error_limit(dtype: torch.dtype) -> float:
+    """The largest `relative_error` accepted before a result is marked wrong: the contract's tolerance."""
+    return TOLERANCE[dtype]
 
 
 @dataclass
@@ -80,7 +78,7 @@ class Result:
     repeats: int = 0
     gflops: float | None = None  # useful work 4 B H N Dk Dv per second; None unless the result is right
     peak_bytes: int | None = None
-    error: float | None = None  # max|o - o64| / max|o64|
+    error: float | None = None  # max |o - o64| / the magnitude of the summed terms (naive.relative_error)
 
     @property
     def useful_flops(self) -> float:
@@ -103,19 +101,17 @@ def make_inputs(cfg: SweepConfig, n: int, batch: int) -> AttentionInputs:
     return validate(q, k, v, None, cfg.resolved_log_decay())
 
 
-def fp64_output(x: AttentionInputs) -> torch.Tensor:
-    """The chunked method in fp64 on the same inputs upcast: the answer each method is checked against."""
-    x64 = validate(x.q.double(), x.k.double(), x.v.double(), None, x.log_decay.double(), x.scale)
+def fp64_sums(q, k, v, log_decay, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and the magnitude of the terms each element sums, as the naive reference's `o` and `o_abs`
+    (leetdecoding.methods.naive), at a cost that fits benchmark sizes: the chunked method in fp64 on the inputs
+    and on |q|, |k|, |v| with |scale| (every decay is positive, so those are the sums of absolute terms).
+    tests/test_naive.py checks both against the token-by-token loop."""
     chunked = REGISTRY["chunked"]
-    return chunked.forward(x64, **dispatch.options_for(chunked, x64))[0]
-
-
-def max_relative_error(o: torch.Tensor, o64: torch.Tensor) -> float:
-    """max|o - o64| / max|o64|, inf when anything is non-finite; 0 for an empty output (N = 0)."""
-    if o64.numel() == 0:
-        return 0.0 if o.shape == o64.shape else float("inf")
-    err = ((o.double() - o64).abs().max() / o64.abs().max().clamp_min(1e-300)).item()
-    return err if err == err else float("inf")
+    out = []
+    for take, s in ((torch.Tensor.double, scale), (lambda t: t.double().abs(), abs(scale))):
+        x = validate(take(q), take(k), take(v), None, log_decay.double(), s)
+        out.append(chunked.forward(x, **dispatch.options_for(chunked, x))[0])
+    return out[0], out[1]
 
 
 def auto_pick(x: AttentionInputs) -> str:
@@ -139,17 +135,19 @@ def predicted_seconds(method: Method, n: int, previous: tuple[int, float] | None
 
 
 class SweepCase:
-    """One (N, batch): shared inputs, the "auto" pick, and the fp64 answer computed on first use."""
+    """One (N, batch): shared inputs, the "auto" pick, and the fp64 answer with its magnitude (`fp64_sums`),
+    computed on first use."""
 
     def __init__(self, cfg: SweepConfig, n: int, batch: int):
         self.x = make_inputs(cfg, n, batch)
         self.auto = auto_pick(self.x)
-        self._o64: torch.Tensor | None = None
+        self._o64: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
-    def o64(self) -> torch.Tensor:
+    def o64(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._o64 is None:
-            self._o64 = fp64_output(self.x)
+            x = self.x
+            self._o64 = fp64_sums(x.q, x.k, x.v, x.log_decay, x.scale)
         return self._o64
 
 
@@ -176,15 +174,16 @@ def run_case(cfg: SweepConfig, method: Method, case: SweepCase, result: Result) 
     t0 = time.perf_counter()
     (o, _), result.peak_bytes = measure_peak(call, cfg.device)
     first = time.perf_counter() - t0
-    result.error = max_relative_error(o, case.o64)
+    result.error = relative_error(o, *case.o64)
     del o
     budget_left = max(cfg.time_budget - first, 0.0)
     stats = time_call(call, cfg.repeats, max(cfg.warmup - 1, 0), cfg.device, budget_left)
     result.median_s, result.min_s, result.max_s = stats.median, stats.min, stats.max
     result.iqr_s, result.repeats = stats.iqr, stats.repeats
-    if result.error > ERROR_LIMIT[cfg.dtype]:
+    limit = error_limit(cfg.dtype)
+    if result.error > limit:
         result.status = "wrong"
-        result.reason = f"error {result.error:.2e} > {ERROR_LIMIT[cfg.dtype]:.0e}"
+        result.reason = f"error {result.error:.2e} > {limit:.0e}"
     else:
         result.status = "ok"
         result.gflops = result.useful_flops / stats.median / 1e9

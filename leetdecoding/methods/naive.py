@@ -1,9 +1,14 @@
-"""The fp64 reference: the recurrence token by token, plus the same sums on absolute values.
+"""The fp64 reference every method is measured against (fla keeps its `naive.py` beside the kernels the same way).
 
     S_t = lambda S_{t-1} + k_t^T v_t,  S_{-1} = initial state;  o_t = scale * q_t S_t
 
-The absolute-value run (|q|, |k|, |v|, |S_init|) gives the magnitude of the terms each element sums:
-the scale against which rounding error is measured.
+`reference` runs the recurrence token by token, plus the same sums on absolute values (|q|, |k|, |v|, |S_init|):
+the magnitude of the terms each element sums, the scale against which rounding error is measured
+(`relative_error`). `reference_closed_form` is the same operator in closed form, differentiable in every input,
+for gradient references. `TOLERANCE` is the one table of allowed errors, read by the tests, `leetdecoding check`,
+`leetdecoding bench` and benchmarks/gpu_bench.py.
+
+Nothing on the runtime path (api, dispatch) imports this module, and it imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ TOLERANCE = {
     torch.float16: 1e-3,  # about 2 ulp of the fp16 output rounding
     torch.bfloat16: 4e-3,  # about 2 ulp of the bf16 output rounding
 }
+
+
+def rounded_operand_tolerance(dtype: torch.dtype) -> float:
+    """The error allowed where an fp32 operand (decayed scores, a state) is rounded on purpose to the input dtype
+    (TF32, 10 mantissa bits, for fp32 inputs) before a product: triton_chunked's "fast" precision, and fla and
+    transformers' loop on a GPU. That is about one more rounding of the operands than the contract allows: at most
+    one bf16 rounding (TOLERANCE[bfloat16], the coarsest of TF32, fp16 and bf16) on top of 8x the dtype's
+    tolerance."""
+    return 8 * TOLERANCE[dtype] + TOLERANCE[torch.bfloat16]
 
 
 @dataclass
@@ -73,7 +87,7 @@ def reference(
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor, ref_abs: torch.Tensor) -> float:
     """max over elements of |got - ref| / ref_abs; inf for a wrong shape or a non-finite value."""
-    got = got.detach().to("cpu", torch.float64)
+    got = got.detach().to(ref.device, torch.float64)
     if got.shape != ref.shape:
         return float("inf")
     if got.numel() == 0:
@@ -81,3 +95,21 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor, ref_abs: torch.Tensor) 
     err = (got - ref).abs() / (ref_abs + 1e-300)
     worst = err.max().item()
     return worst if worst == worst else float("inf")  # NaN -> inf
+
+
+def reference_closed_form(q, k, v, log_decay, initial_state=None, scale=1.0):
+    """The operator in closed form, fp64, differentiable in every input (for gradient references):
+    o_t = scale (sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s + lambda^(t+1) q_t S0); also returns the final state."""
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    g = log_decay.to(torch.float64).view(1, -1, 1, 1)
+    n = q.shape[2]
+    t = torch.arange(n, dtype=torch.float64)
+    diff = t[:, None] - t[None, :]
+    mask = torch.where(diff >= 0, torch.exp(g * diff.clamp(min=0)), torch.zeros((), dtype=torch.float64))
+    o = ((q @ k.transpose(-1, -2)) * mask) @ v
+    state = (k * torch.exp(g * (n - 1 - t).view(1, 1, -1, 1))).transpose(-1, -2) @ v
+    if initial_state is not None:
+        s0 = initial_state.to(torch.float64)
+        o = o + (q * torch.exp(g * (t + 1).view(1, 1, -1, 1))) @ s0
+        state = state + torch.exp(g * n) * s0
+    return scale * o, state
