@@ -2,10 +2,12 @@
 # GPU check of the Triton methods, in one run on one GPU (a few minutes on an H100):
 #   1. the GPU tests: tests/test_triton.py on CUDA tensors (compiled kernels, bf16, no recompilation, memory,
 #      torch.compile), then the generic reference tests (their Triton rows run on CPU tensors and are skipped);
-#   2. benchmarks/gpu_bench.py: triton_chunked forward and forward+backward and the fused decode step against
+#   2. tests/test_compile.py (fullgraph compile, export, opcheck) and benchmarks/cuda_graph_decode.py (the decode
+#      step captured in a CUDA graph and compiled with reduce-overhead, 64 tokens against eager);
+#   3. benchmarks/gpu_bench.py: triton_chunked forward and forward+backward and the fused decode step against
 #      fla's simple GLA kernels, transformers' MiniMax loop and the torch chunked method, packed sequences,
 #      with a summary;
-#   3. `leetdecoding tune --dry-run` in bf16: which chunk sizes this GPU prefers (nothing written).
+#   4. `leetdecoding tune --dry-run` in bf16: which chunk sizes this GPU prefers (nothing written).
 #
 #   bash benchmarks/gpu_check.sh                  # from anywhere; extra arguments go to gpu_bench.py
 #
@@ -39,6 +41,9 @@ echo "## tests/test_triton.py (GPU)"
 timeout 300 "$PY" -m pytest tests/test_triton.py -q -x -p no:cacheprovider -rs || status=1
 echo "## tests/test_methods.py (CPU reference tests; the long cases are left to CI)"
 timeout 150 "$PY" -m pytest tests/test_methods.py -q -x -p no:cacheprovider -k "not 1000 and not long_sequence" || status=1
+echo "## tests/test_compile.py and the decode step in a CUDA graph (64 tokens replayed against eager)"
+timeout 200 "$PY" -m pytest tests/test_compile.py -q -x -p no:cacheprovider || status=1
+timeout 120 "$PY" -m benchmarks.cuda_graph_decode || status=1
 echo "## benchmarks/gpu_bench.py"
 timeout 300 "$PY" -m benchmarks.gpu_bench "$@" || status=1
 echo "## leetdecoding tune (bf16, dry run: chunk sizes of chunked and triton_chunked on this GPU)"

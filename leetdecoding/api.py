@@ -10,6 +10,7 @@ import torch
 
 from . import dispatch, segments
 from .amp import without_autocast
+from .custom_ops import attention_op, decode_step_inplace_op, decode_step_op
 from .explanation import Explanation
 from .inputs import AttentionInputs, DecodeInputs, validate, validate_decode
 from .methods import REGISTRY
@@ -59,6 +60,7 @@ def attention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     state_checkpoints: Sequence[int] | torch.Tensor | None = None,
+    cu_seqlens_cpu: Sequence[int] | torch.Tensor | None = None,
 ):
     """Exponentially decaying causal linear attention.
 
@@ -80,6 +82,8 @@ def attention(
         state_checkpoints: increasing positions p; the state after the first p tokens is returned for each
             (positions in the packed stream with `cu_seqlens`, each belonging to the sequence of token p - 1).
             Resuming from a checkpoint with `initial_state` and running the rest equals the full call.
+        cu_seqlens_cpu: the offsets of `cu_seqlens` on the host (a list of ints or a CPU tensor), as fla takes them:
+            with it a call on GPU tensors reads nothing back from the device (it may replace `cu_seqlens`).
 
     Returns:
         o (B, H, N, Dv) in the input dtype when nothing else is asked for. Otherwise a named tuple
@@ -95,9 +99,18 @@ def attention(
             inputs; the message lists each method's reasons (see `explain`).
 
     Inside `torch.autocast` the call computes exactly as outside it, in the dtype of the inputs it is given
-    (see `leetdecoding.amp`). `record_choices()` tells which method ran.
+    (see `leetdecoding.amp`). `record_choices()` tells which method ran. Under `torch.compile` / `torch.export`
+    the call is one custom op (leetdecoding.custom_ops): its checks and the choice run when the op runs.
     """
-    x = validate(q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints)
+    if torch.compiler.is_compiling():
+        return _traced_attention(
+            q, k, v, decay, log_decay, scale, method, initial_state, output_final_state, cu_seqlens, state_checkpoints,
+            cu_seqlens_cpu,
+        )  # fmt: skip
+    x = validate(
+        q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints,
+        cu_seqlens_cpu,
+    )  # fmt: skip
     choice = dispatch.choose(x, method)
     checkpoints = None
     if x.seq_len == 0:
@@ -148,6 +161,8 @@ def decode_step(
         TypeError / ValueError: as `attention`, naming the argument; ValueError for out_state with gradients.
         MethodRefusedError: no decode method (or not the one asked for) can run this step (see `explain_decode`).
     """
+    if torch.compiler.is_compiling():
+        return _traced_decode(q, k, v, state, decay, log_decay, scale, out_state, method)
     d = _decode_inputs(q, k, v, state, decay, log_decay, scale, out_state)
     return dispatch.choose_decode(d, method).method.step(d)
 
@@ -187,7 +202,52 @@ def explain_decode(*args, **kwargs) -> Explanation:
 explain.__signature__ = inspect.signature(attention).replace(return_annotation=Explanation)
 explain_decode.__signature__ = inspect.signature(decode_step).replace(return_annotation=Explanation)
 _VALIDATED = ("q", "k", "v", "decay", "log_decay", "scale", "initial_state", "output_final_state", "cu_seqlens",
-              "state_checkpoints")  # fmt: skip
+              "state_checkpoints", "cu_seqlens_cpu")  # fmt: skip
+
+
+# ----- under torch.compile / torch.export: one custom op per call -----
+
+
+def _decay_args(decay, log_decay) -> tuple:
+    """The decay arguments as the ops take them: tensors as they are, numbers in one list [decay, log_decay] with
+    NaN for the one not given (the op converts and checks them as an eager call would)."""
+    tensors = tuple(d if isinstance(d, torch.Tensor) else None for d in (decay, log_decay))
+    numbers = [float("nan") if d is None or isinstance(d, torch.Tensor) else float(d) for d in (decay, log_decay)]
+    return (*tensors, None if numbers[0] != numbers[0] and numbers[1] != numbers[1] else numbers)
+
+
+def _methods(method) -> str:
+    """The method argument as the op's one string (names joined by commas)."""
+    return method if isinstance(method, str) else ",".join(method)
+
+
+def _host_ints(name: str, value) -> list[int] | None:
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else [int(c) for c in value]
+    raise TypeError(
+        f"under torch.compile, {name} must be a list of ints (a tensor would be read back while tracing); got "
+        f"{type(value).__name__}."
+    )
+
+
+def _traced_attention(
+    q, k, v, decay, log_decay, scale, method, initial_state, output_final_state, cu_seqlens, checkpoints, cu_cpu
+):
+    o, state, saved = attention_op(
+        q, k, v, *_decay_args(decay, log_decay), float(scale), initial_state,
+        bool(output_final_state), cu_seqlens, _host_ints("cu_seqlens_cpu", cu_cpu),
+        _host_ints("state_checkpoints", checkpoints), _methods(method),
+    )  # fmt: skip
+    return _results(o, state if output_final_state else None, saved if checkpoints is not None else None)
+
+
+def _traced_decode(q, k, v, state, decay, log_decay, scale, out_state, method):
+    decays, scale, method = _decay_args(decay, log_decay), float(scale), _methods(method)
+    if out_state is None:
+        return decode_step_op(q, k, v, state, *decays, scale, method)
+    if out_state is not state:
+        out_state.copy_(state)
+    return decode_step_inplace_op(q, k, v, out_state, *decays, scale, method), out_state
 
 
 def list_methods() -> list[dict]:
