@@ -124,3 +124,18 @@ def test_a_packed_initial_state_of_the_wrong_shape_names_the_packed_layout():
     with pytest.raises(ValueError, match=r"initial_state must have shape \(2, 2, 4, 4\) \(S, H, Dk, Dv\), one state "
                        r"per sequence of cu_seqlens; got \(1, 2, 4, 4\)"):
         ld.attention(q, q, q, cu_seqlens=cu, initial_state=torch.zeros(1, 2, 4, 4))
+
+
+def test_offsets_given_on_the_host_equal_the_tensor_call():
+    q = torch.randn(1, 2, 12, 4, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 5, 12])
+    want = ld.attention(q, q, q, decay=0.9, cu_seqlens=cu, output_final_state=True)
+    for host in ([0, 5, 5, 12], cu):
+        got = ld.attention(q, q, q, decay=0.9, cu_seqlens_cpu=host, output_final_state=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match=r"cu_seqlens_cpu must hold the values of cu_seqlens; got \[0, 6, 6, 12\]"):
+        ld.attention(q, q, q, cu_seqlens=cu, cu_seqlens_cpu=[0, 6, 6, 12])
+    with pytest.raises(ValueError, match=r"cu_seqlens_cpu must be non-decreasing; got cu_seqlens_cpu\[1\] = 7"):
+        ld.attention(q, q, q, cu_seqlens_cpu=[0, 7, 5, 12])
+    with pytest.raises(TypeError, match="cu_seqlens_cpu must be a list of ints or a CPU int tensor; got float"):
+        ld.attention(q, q, q, cu_seqlens_cpu=0.5)
