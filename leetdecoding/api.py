@@ -8,16 +8,13 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dispatch, segments
+from . import dispatch, eager
 from .amp import without_autocast
 from .custom_ops import attention_op, decode_step_inplace_op, decode_step_op
 from .explanation import Explanation
-from .inputs import AttentionInputs, DecodeInputs, validate, validate_decode
+from .inputs import validate
 from .methods import REGISTRY
-from .methods.base import finish
-from .methods.decay_math import decay_factor, head_log_decay, state_contribution
 from .methods.decode import DECODE_REGISTRY
-from .methods.recurrent import step_factors
 
 # More than one result of `attention` comes as a named tuple in the documented order; one type per set of fields,
 # so that `o, state = attention(..., output_final_state=True)` unpacks as a plain tuple does.
@@ -30,20 +27,6 @@ def _results(o: torch.Tensor, state: torch.Tensor | None, checkpoints: torch.Ten
     named = {"output": o, "final_state": state, "checkpoints": checkpoints}
     fields = tuple(f for f, value in named.items() if value is not None)
     return o if len(fields) == 1 else _RESULTS[fields](*(named[f] for f in fields))
-
-
-def _empty_sequence(x: AttentionInputs):
-    """N = 0 (a rank of a sequence-parallel run may hold no tokens): o (B, H, 0, Dv) and the final state
-    lambda^0 S_init (zeros without one), one row per sequence. Both are computed from the inputs as sums over no
-    tokens, never allocated apart, so that they join the graph of every input that requires grad: zero-sized
-    gradients for q, k, v, d initial_state = d final_state, d log_decay = 0. The state never aliases the caller's
-    initial_state."""
-    cd = x.compute_dtype
-    q, k, v = (t.to(cd) for t in (x.q, x.k, x.v))
-    o = finish(x, (q @ k.transpose(-1, -2)) @ v * decay_factor(head_log_decay(x)))
-    state = state_contribution(k, v, x.log_decay).expand(x.num_sequences, -1, -1, -1)
-    state = state + x.initial_state if x.initial_state is not None else state.clone()
-    return o, state
 
 
 @without_autocast
@@ -107,27 +90,10 @@ def attention(
             q, k, v, decay, log_decay, scale, method, initial_state, output_final_state, cu_seqlens, state_checkpoints,
             cu_seqlens_cpu,
         )  # fmt: skip
-    x = validate(
-        q, k, v, decay, log_decay, scale, initial_state, output_final_state, cu_seqlens, state_checkpoints,
+    return _results(*eager.attention(
+        q, k, v, decay, log_decay, scale, method, initial_state, output_final_state, cu_seqlens, state_checkpoints,
         cu_seqlens_cpu,
-    )  # fmt: skip
-    choice = dispatch.choose(x, method)
-    checkpoints = None
-    if x.seq_len == 0:
-        o, state = _empty_sequence(x)
-        if x.checkpoints is not None:
-            shape = state.shape[int(x.offsets is not None) :]
-            checkpoints = torch.zeros(0, *shape, dtype=state.dtype, device=state.device)
-    else:
-        o, state, checkpoints = segments.run(choice.method, x, choice.options)
-    return _results(o, state if output_final_state else None, checkpoints)
-
-
-def _decode_inputs(q, k, v, state, decay, log_decay, scale, out_state) -> DecodeInputs:
-    d = validate_decode(q, k, v, state, decay, log_decay, scale, out_state, step_factors)
-    if out_state is not None and d.requires_grad:
-        raise ValueError("out_state writes in place and cannot be used while an input requires grad; drop it.")
-    return d
+    ))  # fmt: skip
 
 
 @without_autocast
@@ -163,8 +129,7 @@ def decode_step(
     """
     if torch.compiler.is_compiling():
         return _traced_decode(q, k, v, state, decay, log_decay, scale, out_state, method)
-    d = _decode_inputs(q, k, v, state, decay, log_decay, scale, out_state)
-    return dispatch.choose_decode(d, method).method.step(d)
+    return eager.decode_step(q, k, v, state, decay, log_decay, scale, out_state, method)
 
 
 def _arguments(function, args: tuple, kwargs: dict) -> dict:
@@ -194,7 +159,7 @@ def explain_decode(*args, **kwargs) -> Explanation:
     Takes `decode_step`'s arguments and raises its TypeError / ValueError for invalid inputs.
     """
     a = _arguments(decode_step, args, kwargs)
-    d = _decode_inputs(*(a[n] for n in ("q", "k", "v", "state", "decay", "log_decay", "scale", "out_state")))
+    d = eager.decode_inputs(*(a[n] for n in ("q", "k", "v", "state", "decay", "log_decay", "scale", "out_state")))
     return dispatch.explain_decode(d, a["method"])
 
 

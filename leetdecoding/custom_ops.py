@@ -28,16 +28,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import eager
 from .amp import autocast_off
 from .inputs import compute_dtype_for
 
 _ATTENTION_INPUTS = ("q", "k", "v", "decay", "log_decay", "initial_state")
-
-
-def _eager():
-    from . import api
-
-    return api
 
 
 def _decays(decay, log_decay, numbers: list[float] | None):
@@ -83,18 +78,12 @@ def attention_op(
     checkpoints: list[int] | None,
     method: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    api = _eager()
     decay, log_decay = _decays(decay, log_decay, numbers)
     with autocast_off(q.device.type):
-        result = api.attention(
-            q, k, v, decay, log_decay=log_decay, scale=scale, method=_method(method), initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, cu_seqlens_cpu=offsets,
-            state_checkpoints=checkpoints,
+        o, state, saved = eager.attention(
+            q, k, v, decay, log_decay, scale, _method(method), initial_state, output_final_state, cu_seqlens,
+            checkpoints, offsets,
         )  # fmt: skip
-    named = result if isinstance(result, tuple) else (result,)
-    o = named[0]
-    state = getattr(result, "final_state", None)
-    saved = getattr(result, "checkpoints", None)
     cd = compute_dtype_for(q.dtype)
     inputs = (q, k, v, decay, log_decay, initial_state)
     state = _unaliased(state, inputs) if state is not None else _empty(q, cd)
@@ -197,14 +186,10 @@ def attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     def run(q, k, v, decay, log_decay, initial_state):
         decay, log_decay = _decays(decay, log_decay, numbers)
-        result = _eager().attention(
-            q, k, v, decay, log_decay=log_decay, scale=scale, method=_method(method), initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, cu_seqlens_cpu=offsets,
-            state_checkpoints=checkpoints,
+        return eager.attention(
+            q, k, v, decay, log_decay, scale, _method(method), initial_state, output_final_state, cu_seqlens,
+            checkpoints, offsets,
         )  # fmt: skip
-        return (result, None, None) if isinstance(result, Tensor) else (
-            result[0], getattr(result, "final_state", None), getattr(result, "checkpoints", None)
-        )
 
     with autocast_off(q.device.type):
         return _regrad(run, (q, k, v, decay, log_decay, initial_state), needs, (do, d_state, d_checkpoints))
@@ -227,7 +212,7 @@ def decode_step_op(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     decay, log_decay = _decays(decay, log_decay, numbers)
     with autocast_off(q.device.type):
-        o, new = _eager().decode_step(q, k, v, state, decay, log_decay=log_decay, scale=scale, method=_method(method))
+        o, new = eager.decode_step(q, k, v, state, decay, log_decay, scale, None, _method(method))
     inputs = (q, k, v, state, decay, log_decay)
     return _unaliased(o, inputs), _unaliased(new, inputs)
 
@@ -260,7 +245,7 @@ def decode_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     def run(q, k, v, state, decay, log_decay):
         decay, log_decay = _decays(decay, log_decay, numbers)
-        return _eager().decode_step(q, k, v, state, decay, log_decay=log_decay, scale=scale, method=_method(method))
+        return eager.decode_step(q, k, v, state, decay, log_decay, scale, None, _method(method))
 
     with autocast_off(q.device.type):
         return _regrad(run, (q, k, v, state, decay, log_decay), needs, (do, d_state))
@@ -279,9 +264,7 @@ def decode_step_inplace_op(
 ) -> Tensor:  # fmt: skip
     decay, log_decay = _decays(decay, log_decay, numbers)
     with autocast_off(q.device.type):
-        o, _ = _eager().decode_step(
-            q, k, v, state, decay, log_decay=log_decay, scale=scale, out_state=state, method=_method(method)
-        )
+        o, _ = eager.decode_step(q, k, v, state, decay, log_decay, scale, state, _method(method))
     return o.contiguous()
 
 

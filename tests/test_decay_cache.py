@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import leetdecoding as ld
-import leetdecoding.nn as ld_nn
+import leetdecoding.layers as ld_layers
 from leetdecoding.methods.naive import reference
 from leetdecoding.nn import DecayingLinearAttention, LinearAttentionCache
 
@@ -162,7 +162,7 @@ def layer_reference(layer, x, monkeypatch):
         return reference(q, k, v, torch.exp(log_decay.double()), scale=scale).o.to(q.dtype)
 
     with monkeypatch.context() as patch:
-        patch.setattr(ld_nn, "attention", reference_attention)
+        patch.setattr(ld_layers, "attention", reference_attention)  # the layer's one call
         with torch.no_grad():
             return m(x.double())
 
