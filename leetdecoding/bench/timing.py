@@ -138,9 +138,10 @@ def measure(
 
     torch.utils.benchmark.Timer was the first choice on CPU, and its block idea is kept: its autoranges choose the
     number of samples themselves (adaptive_autorange takes 4 or more, blocked_autorange as many as fit in
-    min_run_time, after a block-size search that runs the call up to 10 times), and Timer.timeit runs 2 warm-up
-    calls before each sample, so that a sample of one 2-s prefill would cost 3 calls. `--repeats` promises a
-    number of samples and `--time-budget` a cost per case; this loop keeps both, in exactly the calls it states.
+    min_run_time, both after a block-size search that runs blocks of 1, 10, 100, ... calls), and Timer.timeit runs
+    at least 2 warm-up calls before each sample, so that a sample of one 2-s prefill would cost 3 calls.
+    `--repeats` promises a number of samples and `--time-budget` a cost per case; this loop keeps both, in exactly
+    the calls it states.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1; got {repeats}.")
