@@ -102,9 +102,11 @@ def _draw_unmeasured(ax, points: list[Mark], methods: list[str]) -> None:
     for kind, marker in UNMEASURED_MARKERS.items():
         shown = [p for p in points if p.kind == kind]
         for p in shown:
-            y = 0.03 + 0.05 * methods.index(p.method)
-            ax.scatter([p.n], [y], marker=marker, color=f"C{methods.index(p.method)}", s=60, transform=transform,
-                       clip_on=False, zorder=3)  # fmt: skip
+            i = methods.index(p.method)
+            y = 0.03 + 0.04 * i
+            ax.scatter([p.n], [y], marker=marker, color=f"C{i}", s=50, transform=transform, clip_on=False, zorder=3)
+            ax.annotate(f"{p.method}: {kind}", (p.n, y), xycoords=transform, xytext=(6, -3),
+                        textcoords="offset points", fontsize=7, color=f"C{i}")  # fmt: skip
         if shown:  # one legend entry per reason, in black: the colour is the method's
             ax.scatter([], [], marker=marker, color="black", label=f"{kind} (edge marker)")
 
