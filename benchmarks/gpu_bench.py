@@ -27,7 +27,7 @@ import traceback
 import torch
 
 import leetdecoding as ld
-from leetdecoding.bench.sweep import fp64_sums
+from leetdecoding.bench.sweep import fp64_gradients, fp64_sums
 from leetdecoding.methods import REGISTRY
 from leetdecoding.methods.naive import TOLERANCE, reference, relative_error, rounded_operand_tolerance
 
@@ -60,18 +60,6 @@ def cuda_time(fn, budget_s: float = 0.5, max_reps: int = 30, warmup: int = 2) ->
         spent += times[-1]
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times), q[2] - q[0]
-
-
-def fp64_gradients(q, k, v, log_decay, scale, do) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(gradient, magnitude of the terms it sums) for q, k and v, in fp64 by the torch chunked method: the
-    gradients of the output against `do`, and the same on |q|, |k|, |v|, |do| with |scale| (the decays are
-    positive). The naive closed form would need an (H, N, N) matrix at N = 16384."""
-    sums = []
-    for take, s in ((torch.Tensor.double, scale), (lambda t: t.double().abs(), abs(scale))):
-        leaves = [take(t).requires_grad_() for t in (q, k, v)]
-        o = ld.attention(*leaves, log_decay=log_decay.double(), scale=s, method="chunked")
-        sums.append(torch.autograd.grad(o, leaves, take(do)))
-    return list(zip(*sums))
 
 
 def try_import_fla():

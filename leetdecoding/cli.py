@@ -11,7 +11,6 @@ rich and matplotlib are imported only when a command runs (`pip install leetdeco
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .bench import Result, SweepConfig
+    from .bench import SweepConfig
 
 DTYPES = {
     "float32": torch.float32,
@@ -30,7 +29,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-HISTORY_CONTEXT = ("date", "leetdecoding", "torch", "python", "device_name", "torch_threads")
 
 
 class UsageError(Exception):
@@ -58,12 +56,15 @@ def _float_list(text: str) -> list[float]:
 
 
 def _name_list(text: str) -> list[str]:
+    """Attention or decode method names (bench checks them against its --mode)."""
     from .methods import REGISTRY
+    from .methods.decode import DECODE_REGISTRY
 
+    known = [*REGISTRY, *DECODE_REGISTRY]
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [n for n in names if n not in REGISTRY]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown or text!r}; known: {', '.join(REGISTRY)}")
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown or text!r}; known: {', '.join(known)}")
     return names
 
 
@@ -165,17 +166,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 # ----- bench -----
 
 
-def _runnable(registry: dict, device: str) -> list[str]:
-    """The default sweep: every method that can run on this device here (`info` says why the others cannot)."""
-    kind = torch.device(device).type
-    return [n for n, m in registry.items() if m.unavailable_reason() is None and kind in m.devices]
-
-
 def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     import leetdecoding as ld
 
     from .bench import SweepConfig
+    from .bench.command import runnable
     from .methods import REGISTRY
+    from .methods.decode import DECODE_REGISTRY
+
+    registry = DECODE_REGISTRY if args.mode == "decode" else REGISTRY
+    wrong = [m for m in args.methods or [] if m not in registry]
+    if wrong:
+        raise UsageError(f"--methods {','.join(wrong)}: not {args.mode} methods; known: {', '.join(registry)}")
 
     log_decay = None  # the sweep's default: MiniMax layer 0 of 12
     if args.decay is not None:
@@ -189,7 +191,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         device=_device(args.device),
         dtype=DTYPES[args.dtype],
-        methods=args.methods or _runnable(REGISTRY, _device(args.device)),
+        methods=args.methods or runnable(registry, _device(args.device)),
         lengths=sorted(set(args.n)),
         batches=sorted(set(args.batch)),
         heads=args.heads,
@@ -199,75 +201,24 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         warmup=args.warmup,
         time_budget=args.time_budget,
         log_decay=log_decay,
+        mode=args.mode,
+        max_rounds=args.max_rounds,
     )
-
-
-def _run_with_progress(cfg: SweepConfig, console: Console, show: bool) -> list[Result]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .bench import run_sweep
-
-    total = len(cfg.methods) * len(cfg.lengths) * len(cfg.batches)
-    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True, disable=not show) as progress:
-        task = progress.add_task("bench", total=total)
-        return run_sweep(
-            cfg,
-            on_start=lambda m, n, b: progress.update(task, description=f"{m} N={n} B={b}"),
-            on_done=lambda r: progress.advance(task),
-        )
-
-
-def _write_outputs(
-    args: argparse.Namespace, cfg: SweepConfig, results: list[Result], rows: list[dict], machine_info: dict
-) -> list[Path]:
-    from .bench.export import append_history, write_csv, write_json
-    from .bench.plot import plot_time_vs_n
-
-    out = Path(args.out)
-    config = {k: v for k, v in vars(cfg).items() if k != "log_decay"}
-    config["dtype"] = args.dtype
-    config["decay"] = torch.exp(cfg.resolved_log_decay()).tolist()
-    title = f"{machine_info['device_name']}, {args.dtype}, H={cfg.heads}, Dk={cfg.dk}, Dv={cfg.dv}"
-    written = [
-        write_csv(args.csv or out / "results.csv", rows),
-        write_json(args.json or out / "results.json", rows, machine_info, config),
-        plot_time_vs_n(results, args.plot or out / "time_vs_n.png", title),
-    ]
-    if not args.no_history:
-        context = {k: machine_info[k] for k in HISTORY_CONTEXT}
-        written.append(append_history(args.history or out / "history.csv", rows, context))
-    return written
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import machine
+    from .bench import command
     from .bench.export import result_row
     from .bench.report import bench_table
-    from .device import device_name
 
     console = _console()
     cfg = _sweep_config(args)
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **machine.versions(),
-        "device": cfg.device,
-        "device_name": device_name(cfg.device),
-        "torch_threads": torch.get_num_threads(),
-    }
-    console.print(f"machine: {info['device_name']} ({cfg.device}), {info['torch_threads']} torch threads, "
-                  f"torch {info['torch']}, leetdecoding {info['leetdecoding']}")
-    info["mm_gflops"] = machine.matmul_gflops(cfg.device)
-    console.print(
-        f"torch.mm fp32 2048x2048: {info['mm_gflops']:.1f} GFLOP/s (the 'of mm' column is a fraction of it)"
-    )
-    show = not args.no_progress and console.is_terminal
-    results = _run_with_progress(cfg, console, show)
+    info = command.machine_info(cfg, console.print)
+    results = command.run_with_progress(cfg, console, not args.no_progress and console.is_terminal)
     rows = [result_row(r, info["mm_gflops"]) for r in results]
-    title = (f"{args.dtype} on {cfg.device}: H={cfg.heads}, Dk={cfg.dk}, Dv={cfg.dv}; median of "
-             f"{cfg.repeats} after {cfg.warmup} warm-up; error = max |o - o64| / the magnitude of the summed terms")
-    console.print(bench_table(rows, title))
-    for path in _write_outputs(args, cfg, results, rows, info):
+    console.print(bench_table(rows, command.table_title(cfg, args.dtype)))
+    console.print(command.spread_summary(results))
+    for path in command.write_outputs(args, cfg, results, rows, info):
         console.print(f"wrote {path}")
     bad = [r for r in results if r.status in ("wrong", "error")]
     if bad:
@@ -338,28 +289,38 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--quick", action="store_true", help="fewer lengths (N = 1, 65)")
     check.set_defaults(func=cmd_check)
 
-    b = sub.add_parser("bench", help="time and memory sweep over N and batch (exit 1 if a result is wrong)")
+    from .bench.command import MODES, ShowDefaults
+
+    b = sub.add_parser("bench", help="time and memory sweep over N and batch (exit 1 if a result is wrong)",
+                       formatter_class=ShowDefaults)  # fmt: skip
+    b.add_argument("--mode", choices=list(MODES), default="forward",
+                   help="forward; backward = forward + backward; decode = ms per token and tokens/s")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    b.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    b.add_argument("--methods", type=_name_list, help="comma list (default: every method that can run here)")
-    b.add_argument("--n", type=_int_list, default=[256, 1024, 4096, 16384], help="comma list of lengths")
-    b.add_argument("--batch", type=_int_list, default=[1], help="comma list of batch sizes")
-    b.add_argument("--heads", type=_positive(int), default=8)
-    b.add_argument("--dk", type=_positive(int), default=128)
+    b.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of q, k, v")
+    b.add_argument("--methods", type=_name_list,
+                   help="comma list (default: every method of the mode that can run here; decode: decode methods)")
+    b.add_argument("--n", type=_int_list, default="256,1024,4096,16384",
+                   help="comma list of lengths (decode: of the prefill before the timed steps)")
+    b.add_argument("--batch", type=_int_list, default="1", help="comma list of batch sizes")
+    b.add_argument("--heads", type=_positive(int), default=8, help="heads H")
+    b.add_argument("--dk", type=_positive(int), default=128, help="head dim of q and k")
     b.add_argument("--dv", type=_positive(int), help="default: --dk")
-    b.add_argument("--repeats", type=_positive(int), default=5, help="timed calls per case")
+    b.add_argument("--repeats", type=_positive(int), default=5,
+                   help="timed samples per case (a sample is one call, or several for a fast call)")
+    b.add_argument("--max-rounds", type=_positive(int), default=3,
+                   help="measurements of a noisy case: again with twice the calls per sample, within --time-budget")
     b.add_argument("--warmup", type=_at_least(int, 0, strict=False), default=1,
                    help="untimed calls first (the first, or one extra, measures memory and error)")
     b.add_argument("--time-budget", type=_positive(float), default=10.0,
-                   help="seconds per case; a case predicted to take longer is skipped")
+                   help="seconds per case, re-measurements included; a case predicted to take longer is skipped")
     b.add_argument("--decay", type=_float_list, help="lambda per head, comma list (default: MiniMax 0 of 12)")
     b.add_argument("--out", default="bench-results", help="folder for results.csv/json, plot, history.csv")
     b.add_argument("--csv", help="results CSV (default: OUT/results.csv)")
     b.add_argument("--json", help="results JSON (default: OUT/results.json)")
-    b.add_argument("--plot", help="time-against-N PNG (default: OUT/time_vs_n.png)")
+    b.add_argument("--plot", help="time and memory against N, PNG (default: OUT/time_vs_n.png)")
     b.add_argument("--history", help="history CSV to append to (default: OUT/history.csv)")
     b.add_argument("--no-history", action="store_true", help="do not append to the history CSV")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("tune", help="measure this machine and write the table that auto uses")

@@ -12,8 +12,9 @@ from pathlib import Path
 from .sweep import Result
 
 RESULT_COLUMNS = [
-    "method", "n", "batch", "heads", "dk", "dv", "dtype", "device", "status", "reason", "auto",
-    "median_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "gflops", "mm_fraction", "peak_mib", "error",
+    "mode", "method", "n", "batch", "heads", "dk", "dv", "dtype", "device", "status", "reason", "auto",
+    "median_ms", "min_ms", "max_ms", "iqr_ms", "repeats", "noisy", "rounds", "calls_per_sample",
+    "gflops", "mm_fraction", "tokens_per_s", "peak_mib", "error",
 ]
 HISTORY_COLUMNS = ["date", "leetdecoding", "torch", "python", "device_name", "torch_threads", *RESULT_COLUMNS]
 
@@ -23,13 +24,15 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def result_row(r: Result, mm_gflops: float | None = None) -> dict:
-    """One flat row: times in ms, memory in MiB, throughput also as a fraction of the torch.mm throughput."""
+    """One flat row: times in ms (per call: a forward, a forward + backward, one decode step), memory in MiB,
+    throughput also as a fraction of the torch.mm throughput; `noisy` as a bool (JSON) or True/False (CSV)."""
     fraction = r.gflops / mm_gflops if r.gflops is not None and mm_gflops else None
     return {
-        "method": r.method, "n": r.n, "batch": r.batch, "heads": r.heads, "dk": r.dk, "dv": r.dv,
+        "mode": r.mode, "method": r.method, "n": r.n, "batch": r.batch, "heads": r.heads, "dk": r.dk, "dv": r.dv,
         "dtype": r.dtype, "device": r.device, "status": r.status, "reason": r.reason, "auto": r.auto,
         "median_ms": _ms(r.median_s), "min_ms": _ms(r.min_s), "max_ms": _ms(r.max_s), "iqr_ms": _ms(r.iqr_s),
-        "repeats": r.repeats, "gflops": r.gflops, "mm_fraction": fraction,
+        "repeats": r.repeats, "noisy": r.noisy, "rounds": r.rounds, "calls_per_sample": r.calls_per_sample,
+        "gflops": r.gflops, "mm_fraction": fraction, "tokens_per_s": r.tokens_per_s,
         "peak_mib": None if r.peak_bytes is None else r.peak_bytes / 2**20, "error": r.error,
     }
 
@@ -78,10 +81,18 @@ def write_json(path: str | os.PathLike, rows: list[dict], machine: dict, config:
 
 
 def append_history(path: str | os.PathLike, rows: list[dict], context: dict) -> Path:
-    """Append the rows, each with the run's context (date, versions, device name), writing a header if new."""
+    """Append the rows, each with the run's context (date, versions, device name), writing a header if new.
+    A history written with other columns (an older version) is rewritten once with today's, its rows kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader) if reader.fieldnames != HISTORY_COLUMNS else None
+        if old is not None:
+            with path.open("w", newline="") as f:
+                _write_rows(f, HISTORY_COLUMNS, old, header=True)
     with path.open("a", newline="") as f:
         _write_rows(f, HISTORY_COLUMNS, ({**context, **row} for row in rows), header=new)
     return path

@@ -82,13 +82,31 @@ def _note(status: str, reason: str) -> str:
     return f"[yellow]skip: {reason}[/]"
 
 
+def _spread_note(r: dict) -> str:
+    """Whether the timing can be trusted: noisy after its re-measurements, or stable only after some."""
+    if r["median_ms"] is None or not r["rounds"]:
+        return ""
+    rounds = f"{r['rounds']} round{'s' if r['rounds'] > 1 else ''} of {r['repeats']} x {r['calls_per_sample']} calls"
+    if r["noisy"]:
+        return f"[bold yellow]noisy[/] ({rounds})"
+    return f"re-measured: stable after {rounds}" if r["rounds"] > 1 else ""
+
+
+def _iqr_percent(r: dict) -> str:
+    return "" if r["iqr_ms"] is None or not r["median_ms"] else f"{r['iqr_ms'] / r['median_ms']:.0%}"
+
+
 def bench_table(rows: list[dict], title: str) -> Table:
-    """Rows of `export.result_row`; a new section for each (batch, N)."""
+    """Rows of `export.result_row`; a new section for each (batch, N). Decode rows give ms and tokens/s per step;
+    a noisy median is marked "~" and explained in the note."""
+    decode = any(r.get("mode") == "decode" for r in rows)
+    rate = ("tok/s", lambda r: _num(r["tokens_per_s"], ".0f")) if decode else (
+        "of mm", lambda r: _num(r["mm_fraction"], ".0%"))  # fmt: skip
     t = Table(title=title)
     for col, justify in (
-        ("method", "left"), ("N", "right"), ("B", "right"), ("median ms", "right"), ("min-max ms", "right"),
-        ("GFLOP/s", "right"), ("of mm", "right"), ("peak MiB", "right"), ("error", "right"),
-        ("auto", "left"), ("note", "left"),
+        ("method", "left"), ("N", "right"), ("B", "right"), ("ms/step" if decode else "median ms", "right"),
+        ("min ms", "right"), ("IQR", "right"), ("GFLOP/s", "right"), (rate[0], "right"), ("peak MiB", "right"),
+        ("error", "right"), ("auto", "left"), ("note", "left"),
     ):
         t.add_column(col, justify=justify, overflow="fold")
     previous = None
@@ -96,13 +114,12 @@ def bench_table(rows: list[dict], title: str) -> Table:
         if previous is not None and (r["batch"], r["n"]) != previous:
             t.add_section()
         previous = (r["batch"], r["n"])
-        spread = f"{_ms(r['min_ms'])}-{_ms(r['max_ms'])}" if r["min_ms"] is not None else ""
         measured = r["status"] in ("ok", "wrong")
         peak = "n/a" if r["peak_mib"] is None and measured else _num(r["peak_mib"], ".1f")
-        note = _note(r["status"], r["reason"])
+        median = ("~" if r["noisy"] else "") + _ms(r["median_ms"])
+        note = "; ".join(n for n in (_note(r["status"], r["reason"]), _spread_note(r)) if n)
         t.add_row(
-            r["method"], str(r["n"]), str(r["batch"]), _ms(r["median_ms"]), spread,
-            _num(r["gflops"], ".1f"), _num(r["mm_fraction"], ".0%"), peak, _num(r["error"], ".1e"),
-            r["auto"], note,
+            r["method"], str(r["n"]), str(r["batch"]), median, _ms(r["min_ms"]), _iqr_percent(r),
+            _num(r["gflops"], ".1f"), rate[1](r), peak, _num(r["error"], ".1e"), r["auto"], note,
         )
     return t

@@ -1,29 +1,34 @@
-"""The benchmark sweep: every (batch, N, method) case timed, memory-measured and checked against fp64.
+"""The benchmark sweep: every (batch, N, method) case checked against fp64, then timed and memory-measured.
 
     from leetdecoding.bench import SweepConfig, run_sweep
     results = run_sweep(SweepConfig(methods=["chunked", "recursion"], lengths=[1024, 4096]))
+    results = run_sweep(SweepConfig(mode="decode", methods=["recurrent_step"], batches=[1, 8]))
 
-A case is skipped, with its reason, when the method refuses the inputs, when its planned memory does not fit,
-or when its predicted time exceeds the time budget. A case whose result disagrees with the fp64 check is
-marked "wrong" and gets no throughput: a fast wrong answer is not a speed.
+The mode (forward, backward = forward + backward, decode) says what one call is (bench.cases). A case is skipped,
+with its reason, when the method refuses the inputs, when its planned memory does not fit, or when its predicted
+time exceeds the time budget. A case whose result disagrees with the fp64 check is marked "wrong" and gets no
+throughput: a fast wrong answer is not a speed. A case whose timings spread is measured again, wider, within its
+budget, and flagged `noisy` if it still spreads (bench.timing.measure).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import decay as _decay
-from .. import dispatch
-from ..choice import MethodRefusedError
-from ..inputs import AttentionInputs, validate
-from ..methods import REGISTRY, Method
-from ..methods.naive import TOLERANCE, relative_error
+from ..methods.naive import TOLERANCE
+from .cases import CASES, SweepConfig, auto_pick, make_inputs, skip_reasons
+from .fp64 import fp64_gradients, fp64_sums
 from .memory import measure_peak
-from .timing import time_call
+from .timing import TimingStats, measure
+
+__all__ = [
+    "Result", "SweepConfig", "auto_pick", "error_limit", "fp64_gradients", "fp64_sums", "make_inputs",
+    "predicted_seconds", "run_sweep", "skip_reasons",
+]  # fmt: skip
 
 
 def error_limit(dtype: torch.dtype) -> float:
@@ -31,37 +36,15 @@ def error_limit(dtype: torch.dtype) -> float:
     return TOLERANCE[dtype]
 
 
-@dataclass
-class SweepConfig:
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    methods: list[str] = field(default_factory=lambda: list(REGISTRY))
-    lengths: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
-    batches: list[int] = field(default_factory=lambda: [1])
-    heads: int = 8
-    dk: int = 128
-    dv: int = 128
-    repeats: int = 5
-    warmup: int = 1
-    time_budget: float = 10.0  # seconds per case, warm-up and repeats together
-    log_decay: torch.Tensor | None = None  # (H,) log lambda; None: MiniMax layer 0 of 12, as the CLI
-    seed: int = 0
-
-    def resolved_log_decay(self) -> torch.Tensor:
-        if self.log_decay is not None:
-            return self.log_decay
-        return _decay.minimax(self.heads, 0, 12)
-
-    @property
-    def calls_per_case(self) -> int:
-        """Calls one case makes: the warm-up (the first one measures memory) and the timed repeats."""
-        return max(self.warmup, 1) + self.repeats
+# Useful work per call, in units of 4 B H Dk Dv flops (one token's q S and k^T v): N tokens forward, about three
+# times that for forward + backward (as benchmarks/gpu_bench.py counts), one token per decode step.
+WORK_TOKENS = {"forward": lambda n: n, "backward": lambda n: 3 * n, "decode": lambda n: 1}
 
 
 @dataclass
 class Result:
     method: str
-    n: int
+    n: int  # decode: the prefill length before the timed step
     batch: int
     heads: int
     dk: int
@@ -71,91 +54,45 @@ class Result:
     status: str  # "ok", "skip", "wrong" or "error"
     reason: str = ""
     auto: str = ""  # the method "auto" picks for this (N, batch)
-    median_s: float | None = None
+    median_s: float | None = None  # per call: a forward, a forward + backward, or one decode step
     min_s: float | None = None
     max_s: float | None = None
     iqr_s: float | None = None
     repeats: int = 0
-    gflops: float | None = None  # useful work 4 B H N Dk Dv per second; None unless the result is right
+    gflops: float | None = None  # useful work (WORK_TOKENS) per second; None unless the result is right
     peak_bytes: int | None = None
     error: float | None = None  # max |o - o64| / the magnitude of the summed terms (naive.relative_error)
+    mode: str = "forward"
+    noisy: bool = False  # the spread stayed large after the re-measurements (timing.TimingStats.noisy)
+    rounds: int = 0  # measurements made; more than 1: the first ones were noisy
+    calls_per_sample: int = 0
+    tokens_per_s: float | None = None  # decode: B tokens per step / median; None unless the result is right
 
     @property
     def useful_flops(self) -> float:
-        return 4.0 * self.batch * self.heads * self.n * self.dk * self.dv
+        return 4.0 * self.batch * self.heads * self.dk * self.dv * WORK_TOKENS[self.mode](self.n)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-
-def make_inputs(cfg: SweepConfig, n: int, batch: int) -> AttentionInputs:
-    """Seeded random q, k, v of the configured shape, dtype and device, validated like a public call."""
-    g = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 7919 * n + batch)
-    gen_dtype = torch.float64 if cfg.dtype == torch.float64 else torch.float32
-
-    def randn(d: int) -> torch.Tensor:
-        t = torch.randn(batch, cfg.heads, n, d, generator=g, device=cfg.device, dtype=gen_dtype)
-        return t.to(cfg.dtype)
-
-    q, k, v = randn(cfg.dk), randn(cfg.dk), randn(cfg.dv)
-    return validate(q, k, v, None, cfg.resolved_log_decay())
+    def record(self, stats: TimingStats) -> None:
+        self.median_s, self.min_s, self.max_s, self.iqr_s = stats.median, stats.min, stats.max, stats.iqr
+        self.repeats, self.noisy, self.rounds = stats.repeats, stats.noisy, stats.rounds
+        self.calls_per_sample = stats.calls_per_sample
 
 
-def fp64_sums(q, k, v, log_decay, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output and the magnitude of the terms each element sums, as the naive reference's `o` and `o_abs`
-    (leetdecoding.methods.naive), at a cost that fits benchmark sizes: the chunked method in fp64 on the inputs
-    and on |q|, |k|, |v| with |scale| (every decay is positive, so those are the sums of absolute terms).
-    tests/test_naive.py checks both against the token-by-token loop."""
-    chunked = REGISTRY["chunked"]
-    out = []
-    for take, s in ((torch.Tensor.double, scale), (lambda t: t.double().abs(), abs(scale))):
-        x = validate(take(q), take(k), take(v), None, log_decay.double(), s)
-        out.append(chunked.forward(x, **dispatch.options_for(chunked, x))[0])
-    return out[0], out[1]
-
-
-def auto_pick(x: AttentionInputs) -> str:
-    try:
-        return dispatch.choose(x).method.name
-    except MethodRefusedError:
-        return "none"
-
-
-def skip_reasons(method: Method, x: AttentionInputs, options: dict) -> list[str]:
-    """The dispatcher's refusals for this method, its memory guard applied at every size."""
-    return dispatch.reasons_for(method, x, options, {}, check_from=0)[0]
-
-
-def predicted_seconds(method: Method, n: int, previous: tuple[int, float] | None, calls: int) -> float | None:
-    """Time of a whole case, from the same method's last measured (N_prev, t_prev): t_prev (N/N_prev)^e."""
+def predicted_seconds(method, n: int, previous: tuple[int, float] | None, calls: int) -> float | None:
+    """Time of a whole case, from the same method's last measured (N_prev, t_prev): t_prev (N/N_prev)^e, e the
+    method's `time_exponent` (a decode method has none: a step does not grow with the prefill)."""
     if previous is None or previous[0] == 0:  # nothing to scale from (N = 0 measures only overhead)
         return None
     n_prev, t_prev = previous
-    return calls * t_prev * (n / n_prev) ** method.time_exponent
+    return calls * t_prev * (n / n_prev) ** getattr(method, "time_exponent", 0.0)
 
 
-class SweepCase:
-    """One (N, batch): shared inputs, the "auto" pick, and the fp64 answer with its magnitude (`fp64_sums`),
-    computed on first use."""
-
-    def __init__(self, cfg: SweepConfig, n: int, batch: int):
-        self.x = make_inputs(cfg, n, batch)
-        self.auto = auto_pick(self.x)
-        self._o64: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def o64(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._o64 is None:
-            x = self.x
-            self._o64 = fp64_sums(x.q, x.k, x.v, x.log_decay, x.scale)
-        return self._o64
-
-
-def case_skip_reasons(
-    cfg: SweepConfig, method: Method, case: SweepCase, previous: tuple[int, float] | None
-) -> list[str]:
+def case_skip_reasons(cfg: SweepConfig, method, case, previous: tuple[int, float] | None) -> list[str]:
     """Why this case is not run: refusals, memory, or a predicted time over the budget."""
-    reasons = skip_reasons(method, case.x, dispatch.options_for(method, case.x))
+    reasons = case.reasons(method)
     guess = predicted_seconds(method, case.x.seq_len, previous, cfg.calls_per_case)
     if not reasons and guess is not None and guess > cfg.time_budget:
         calls = cfg.calls_per_case
@@ -163,31 +100,31 @@ def case_skip_reasons(
     return reasons
 
 
-def run_case(cfg: SweepConfig, method: Method, case: SweepCase, result: Result) -> Result:
-    """Measure one case: first call for memory and correctness, then the timed repeats."""
-    x = case.x
-    options = dispatch.options_for(method, x)
-
-    def call():
-        return method.forward(x, **options)
-
+def run_case(cfg: SweepConfig, method, case, result: Result) -> Result:
+    """Measure one case: the first call for memory and correctness, then the timed samples."""
+    call = case.call(method)
     t0 = time.perf_counter()
-    (o, _), result.peak_bytes = measure_peak(call, cfg.device)
+    first_result, result.peak_bytes = measure_peak(call, cfg.device)
     first = time.perf_counter() - t0
-    result.error = relative_error(o, *case.o64)
-    del o
+    result.error = case.error(method, first_result)
+    del first_result
     budget_left = max(cfg.time_budget - first, 0.0)
-    stats = time_call(call, cfg.repeats, max(cfg.warmup - 1, 0), cfg.device, budget_left)
-    result.median_s, result.min_s, result.max_s = stats.median, stats.min, stats.max
-    result.iqr_s, result.repeats = stats.iqr, stats.repeats
+    warmup = max(cfg.warmup - 1, 0)
+    result.record(measure(call, cfg.device, cfg.repeats, warmup, budget_left, first, cfg.max_rounds))
     limit = error_limit(cfg.dtype)
     if result.error > limit:
         result.status = "wrong"
         result.reason = f"error {result.error:.2e} > {limit:.0e}"
     else:
         result.status = "ok"
-        result.gflops = result.useful_flops / stats.median / 1e9
+        result.gflops = result.useful_flops / result.median_s / 1e9
+        if cfg.mode == "decode":
+            result.tokens_per_s = result.batch / result.median_s
     return result
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def run_sweep(
@@ -199,30 +136,32 @@ def run_sweep(
 
     `on_start(method, n, batch)` and `on_done(result)` report progress.
     """
-    unknown = [m for m in cfg.methods if m not in REGISTRY]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {', '.join(REGISTRY)}.")
+    names, registry, make_case = cfg.method_names(), cfg.registry(), CASES[cfg.mode]
     results: list[Result] = []
     last: dict[tuple[str, int], tuple[int, float]] = {}  # (method, batch) -> (N, seconds per call)
     for batch in cfg.batches:
         for n in sorted(cfg.lengths):
-            case = SweepCase(cfg, n, batch)
-            for name in cfg.methods:
+            try:
+                case, failure = make_case(cfg, n, batch), ""
+            except Exception as e:  # a decode case's prefill out of memory: every method of it fails
+                case, failure = None, f"preparing the case: {_describe(e)}"
+            for name in names:
                 if on_start:
                     on_start(name, n, batch)
                 r = Result(
                     name, n, batch, cfg.heads, cfg.dk, cfg.dv, str(cfg.dtype).replace("torch.", ""),
-                    cfg.device, "skip", auto=case.auto,
+                    cfg.device, "error" if failure else "skip", reason=failure, auto=case.auto if case else "",
+                    mode=cfg.mode,
                 )
-                reasons = case_skip_reasons(cfg, REGISTRY[name], case, last.get((name, batch)))
+                reasons = [] if failure else case_skip_reasons(cfg, registry[name], case, last.get((name, batch)))
                 if reasons:
                     r.reason = "; ".join(reasons)
-                else:
+                elif not failure:
                     try:
-                        run_case(cfg, REGISTRY[name], case, r)
+                        run_case(cfg, registry[name], case, r)
                         last[(name, batch)] = (n, r.median_s)
                     except Exception as e:  # e.g. out of memory: report it and go on with the sweep
-                        r.status, r.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        r.status, r.reason = "error", _describe(e)
                 results.append(r)
                 if on_done:
                     on_done(r)
