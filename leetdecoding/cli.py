@@ -5,7 +5,9 @@
     leetdecoding bench [options]        time / memory sweep over N and batch: table, CSV, JSON, plot, history
     leetdecoding tune [options]         measure this machine and write the table that "auto" uses
 
-rich and matplotlib are imported only when a command runs (`pip install leetdecoding[bench]`).
+Every command but `bench` works after a plain install, printing plain-text tables without rich; `bench` needs rich
+and matplotlib (`pip install 'leetdecoding-attention[bench]'`) and says so in one line. rich and matplotlib are
+imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import __version__, extras
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -31,6 +35,9 @@ DTYPES = {
     "float64": torch.float64,
 }
 HISTORY_CONTEXT = ("date", "leetdecoding", "torch", "python", "device_name", "torch_threads")
+# what a command needs beyond a plain install, from the extra of its name; checked before it starts (not after a
+# sweep's minutes)
+REQUIRES = {"bench": ("rich", "matplotlib")}
 
 
 class UsageError(Exception):
@@ -87,10 +94,13 @@ def _positive(kind: type):
 
 
 def _console() -> Console:
+    """rich's console, or without rich (a plain install) one that prints the same tables in plain text."""
     try:
         from rich.console import Console
     except ImportError:
-        raise UsageError("the command line needs rich: pip install 'leetdecoding[bench]'") from None
+        from .bench.plain import Console
+
+        return Console()
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=400)  # a log file or a pipe: do not wrap the tables at 80 columns
@@ -113,16 +123,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     import leetdecoding as ld
 
     from .bench import machine
-    from .bench.report import key_value_table, methods_table
+    from .bench.report import fitted, key_value_table, methods_tables
 
     console = _console()
     device = machine.default_device()
-    console.print(key_value_table("versions", machine.versions()))
+    console.print(fitted(key_value_table("versions", machine.versions()), console.width))
     hw = {"cpu": machine.cpu_summary()}
     hw["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "not available"
     hw["tuning"] = _tuning_summary(device)
-    console.print(key_value_table("device", hw))
-    console.print(methods_table(ld.list_methods(), device))
+    console.print(fitted(key_value_table("device", hw), console.width))
+    for table in methods_tables(ld.list_methods(), device, console.width):
+        console.print(table)
     return 0
 
 
@@ -148,13 +159,13 @@ def _tuning_summary(device: str) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .bench.check import run_check
-    from .bench.report import check_table
+    from .bench.report import check_table, fitted
     from .methods.naive import TOLERANCE
 
     console = _console()
     device = _device(args.device)
     results = run_check(device, quick=args.quick)
-    console.print(check_table(results, device))
+    console.print(fitted(check_table(results, device), console.width))
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     tolerances = ", ".join(f"{str(d).replace('torch.', '')} {t:g}" for d, t in TOLERANCE.items())
     console.print(f"tolerances (error / magnitude of the summed terms): {tolerances}")
@@ -279,9 +290,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from . import tuning
+    from .bench.report import Table, fitted
     from .bench.tune import Plan, measure
     from .dispatch import TUNABLE
 
@@ -303,13 +313,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         t.add_column(col, justify="right" if col == "ms" else "left")
     for r in rows:
         t.add_row(r.value, r.case, r.contender, f"{r.median_ms:.3f}")
-    console.print(t)
+    console.print(fitted(t, console.width))
     chosen = Table(title="what auto will use")
     for col in ("value", "default", "measured"):
         chosen.add_column(col)
     for name, value in values.items():
         chosen.add_row(name, str(TUNABLE[name]), str(value))
-    console.print(chosen)
+    console.print(fitted(chosen, console.width))
     if args.dry_run:
         console.print("--dry-run: nothing written")
         return 0
@@ -324,11 +334,37 @@ def cmd_tune(args: argparse.Namespace) -> int:
 # ----- parser -----
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, less "(default: None)" / "(default: False)" and help texts
+    that already say their default; lists shown as they are typed (comma-separated)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in help_text or not action.option_strings:
+            return help_text
+        shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{help_text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's --help shows the defaults, options without a help text included."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = self.formatter_class(self.prog)._get_help_string(action)
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="leetdecoding", description="Exponentially decaying causal linear attention."
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,check,bench,tune}")
+    p = _Parser(prog="leetdecoding", description="Exponentially decaying causal linear attention.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({extras.DISTRIBUTION})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{info,check,bench,tune}", parser_class=_Parser)
 
     info = sub.add_parser("info", help="versions, device, and which methods can run here")
     info.set_defaults(func=cmd_info)
@@ -368,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", type=_positive(int), default=8)
     t.add_argument("--dim", type=_positive(int), default=128, help="head dim of the large-head measurements")
     t.add_argument("--rounds", type=_positive(int), default=5, help="timed calls per contender, interleaved")
-    t.add_argument("--quick", action="store_true", help="fewer, shorter cases (seconds; for a first look)")
+    t.add_argument("--quick", action="store_true", help="shorter sequences, the same candidates (for a first look)")
     t.add_argument("--out", help="table to write (default: $LEETDECODING_TUNING or ~/.cache/leetdecoding/tuning.json)")
     t.add_argument("--dry-run", action="store_true", help="measure and print; write nothing")
     t.set_defaults(func=cmd_tune)
@@ -378,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    absent = extras.missing(REQUIRES.get(args.command, ()))
+    if absent:  # one line, not a traceback
+        hint = extras.install_hint(args.command)  # the extra named after the command
+        parser.exit(2, f"leetdecoding {args.command}: needs {' and '.join(absent)}: {hint}\n")
     try:
         return args.func(args)
     except UsageError as e:
