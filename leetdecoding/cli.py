@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import __version__, extras
+from .cli_help import DefaultsParser
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -291,7 +292,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from . import tuning
-    from .bench.report import Table, fitted
+    from .bench.report import fitted, tune_tables
     from .bench.tune import Plan, measure
     from .dispatch import TUNABLE
 
@@ -308,18 +309,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     plan = Plan.quick() if args.quick else Plan()
     values, rows = measure(device, dtype, args.heads, args.dim, args.rounds, plan, progress=console.print)
 
-    t = Table(title="measurements (ms, median)")
-    for col in ("value", "case", "contender", "ms"):
-        t.add_column(col, justify="right" if col == "ms" else "left")
-    for r in rows:
-        t.add_row(r.value, r.case, r.contender, f"{r.median_ms:.3f}")
-    console.print(fitted(t, console.width))
-    chosen = Table(title="what auto will use")
-    for col in ("value", "default", "measured"):
-        chosen.add_column(col)
-    for name, value in values.items():
-        chosen.add_row(name, str(TUNABLE[name]), str(value))
-    console.print(fitted(chosen, console.width))
+    for table in tune_tables(rows, values, TUNABLE):
+        console.print(fitted(table, console.width))
     if args.dry_run:
         console.print("--dry-run: nothing written")
         return 0
@@ -334,37 +325,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 # ----- parser -----
 
 
-class _DefaultsFormatter(argparse.HelpFormatter):
-    """argparse's ArgumentDefaultsHelpFormatter, less "(default: None)" / "(default: False)" and help texts
-    that already say their default; lists shown as they are typed (comma-separated)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        default = action.default
-        if default in (None, False, argparse.SUPPRESS) or "default" in help_text or not action.option_strings:
-            return help_text
-        shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
-        return f"{help_text} (default: {shown.replace('%', '%%')})".lstrip()
-
-
-class _Parser(argparse.ArgumentParser):
-    """Every (sub)command's --help shows the defaults, options without a help text included."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _DefaultsFormatter)
-        super().__init__(*args, **kwargs)
-
-    def add_argument(self, *args, **kwargs):
-        action = super().add_argument(*args, **kwargs)
-        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
-            action.help = self.formatter_class(self.prog)._get_help_string(action)
-        return action
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="leetdecoding", description="Exponentially decaying causal linear attention.")
+    p = DefaultsParser(prog="leetdecoding", description="Exponentially decaying causal linear attention.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({extras.DISTRIBUTION})")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,check,bench,tune}", parser_class=_Parser)
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{info,check,bench,tune}", parser_class=DefaultsParser
+    )
 
     info = sub.add_parser("info", help="versions, device, and which methods can run here")
     info.set_defaults(func=cmd_info)

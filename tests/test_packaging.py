@@ -17,6 +17,7 @@ from leetdecoding import extras
 from leetdecoding.bench import plain
 from leetdecoding.bench.report import availability
 from leetdecoding.cli import build_parser
+from leetdecoding.cli_help import shows_default
 from leetdecoding.methods import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def test_every_help_shows_the_defaults():
         text = " ".join(sub.format_help().split())  # argparse wraps at the terminal's width
         for action in sub._actions:
             default = action.default
-            if action.option_strings and default not in (None, False, "==SUPPRESS=="):
+            if shows_default(action):
                 shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
                 assert f"default: {shown})" in text, (name, action.dest)
 

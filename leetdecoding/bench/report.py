@@ -152,3 +152,18 @@ def bench_table(rows: list[dict], title: str) -> Table:
             r["auto"], note,
         )
     return t
+
+
+def tune_tables(rows: list, values: dict[str, int], defaults: dict[str, int]) -> list[Table]:
+    """`leetdecoding tune`'s measurements (`bench.tune.Measurement`) and the values it found."""
+    t = Table(title="measurements (ms, median)")
+    for col in ("value", "case", "contender", "ms"):
+        t.add_column(col, justify="right" if col == "ms" else "left")
+    for r in rows:
+        t.add_row(r.value, r.case, r.contender, f"{r.median_ms:.3f}")
+    chosen = Table(title="what auto will use")
+    for col in ("value", "default", "measured"):
+        chosen.add_column(col)
+    for name, value in values.items():
+        chosen.add_row(name, str(defaults[name]), str(value))
+    return [t, chosen]
