@@ -6,8 +6,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 # the slowest test files on a 2-core CPU (pytest --durations): test_train trains a model for about 5 minutes; the
-# others take 40-50 s each (Triton's interpreter, transformers' MiniMax, torch.compile)
-SLOW_TESTS := tests/test_train.py tests/test_triton.py tests/test_decay_cache.py tests/test_hf_minimax.py
+# others take 40-50 s each (Triton's interpreter, transformers' MiniMax, torch.compile, extreme inputs)
+SLOW_TESTS := tests/test_train.py tests/test_triton.py tests/test_decay_cache.py tests/test_hf_minimax.py \
+              tests/test_extreme_inputs.py
 
 .PHONY: setup test test-fast bench check lint clean
 
