@@ -11,7 +11,7 @@ from .api import attention, decode_step, explain, explain_decode, list_methods
 from .choice import MethodRefusedError, record_choices
 from .original import causal_linear_decoder
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "attention",

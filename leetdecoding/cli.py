@@ -5,7 +5,9 @@
     leetdecoding bench [options]        time / memory sweep over N and batch: table, CSV, JSON, plot, history
     leetdecoding tune [options]         measure this machine and write the table that "auto" uses
 
-rich and matplotlib are imported only when a command runs (`pip install leetdecoding[bench]`).
+Every command but `bench` works after a plain install, printing plain-text tables without rich; `bench` needs rich
+and matplotlib (`pip install 'leetdecoding-attention[bench]'`) and says so in one line. rich and matplotlib are
+imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import __version__, extras
+from .cli_help import DefaultsParser
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -29,6 +34,9 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+# what a command needs beyond a plain install, from the extra of its name; checked before it starts (not after a
+# sweep's minutes)
+REQUIRES = {"bench": ("rich", "matplotlib")}
 
 
 class UsageError(Exception):
@@ -88,10 +96,13 @@ def _positive(kind: type):
 
 
 def _console() -> Console:
+    """rich's console, or without rich (a plain install) one that prints the same tables in plain text."""
     try:
         from rich.console import Console
     except ImportError:
-        raise UsageError("the command line needs rich: pip install 'leetdecoding[bench]'") from None
+        from .bench.plain import Console
+
+        return Console()
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=400)  # a log file or a pipe: do not wrap the tables at 80 columns
@@ -114,16 +125,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     import leetdecoding as ld
 
     from .bench import machine
-    from .bench.report import key_value_table, methods_table
+    from .bench.report import fitted, key_value_table, methods_tables
 
     console = _console()
     device = machine.default_device()
-    console.print(key_value_table("versions", machine.versions()))
+    console.print(fitted(key_value_table("versions", machine.versions()), console.width))
     hw = {"cpu": machine.cpu_summary()}
     hw["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "not available"
     hw["tuning"] = _tuning_summary(device)
-    console.print(key_value_table("device", hw))
-    console.print(methods_table(ld.list_methods(), device))
+    console.print(fitted(key_value_table("device", hw), console.width))
+    for table in methods_tables(ld.list_methods(), device, console.width):
+        console.print(table)
     return 0
 
 
@@ -149,13 +161,13 @@ def _tuning_summary(device: str) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .bench.check import run_check
-    from .bench.report import check_table
+    from .bench.report import check_table, fitted
     from .methods.naive import TOLERANCE
 
     console = _console()
     device = _device(args.device)
     results = run_check(device, quick=args.quick)
-    console.print(check_table(results, device))
+    console.print(fitted(check_table(results, device), console.width))
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     tolerances = ", ".join(f"{str(d).replace('torch.', '')} {t:g}" for d, t in TOLERANCE.items())
     console.print(f"tolerances (error / magnitude of the summed terms): {tolerances}")
@@ -230,9 +242,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from . import tuning
+    from .bench.report import fitted, tune_tables
     from .bench.tune import Plan, measure
     from .dispatch import TUNABLE
 
@@ -249,18 +260,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     plan = Plan.quick() if args.quick else Plan()
     values, rows = measure(device, dtype, args.heads, args.dim, args.rounds, plan, progress=console.print)
 
-    t = Table(title="measurements (ms, median)")
-    for col in ("value", "case", "contender", "ms"):
-        t.add_column(col, justify="right" if col == "ms" else "left")
-    for r in rows:
-        t.add_row(r.value, r.case, r.contender, f"{r.median_ms:.3f}")
-    console.print(t)
-    chosen = Table(title="what auto will use")
-    for col in ("value", "default", "measured"):
-        chosen.add_column(col)
-    for name, value in values.items():
-        chosen.add_row(name, str(TUNABLE[name]), str(value))
-    console.print(chosen)
+    for table in tune_tables(rows, values, TUNABLE):
+        console.print(fitted(table, console.width))
     if args.dry_run:
         console.print("--dry-run: nothing written")
         return 0
@@ -276,10 +277,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="leetdecoding", description="Exponentially decaying causal linear attention."
+    p = DefaultsParser(prog="leetdecoding", description="Exponentially decaying causal linear attention.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({extras.DISTRIBUTION})")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{info,check,bench,tune}", parser_class=DefaultsParser
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{info,check,bench,tune}")
 
     info = sub.add_parser("info", help="versions, device, and which methods can run here")
     info.set_defaults(func=cmd_info)
@@ -289,10 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--quick", action="store_true", help="fewer lengths (N = 1, 65)")
     check.set_defaults(func=cmd_check)
 
-    from .bench.command import MODES, ShowDefaults
+    from .bench.command import MODES
 
-    b = sub.add_parser("bench", help="time and memory sweep over N and batch (exit 1 if a result is wrong)",
-                       formatter_class=ShowDefaults)  # fmt: skip
+    b = sub.add_parser("bench", help="time and memory sweep over N and batch (exit 1 if a result is wrong)")
     b.add_argument("--mode", choices=list(MODES), default="forward",
                    help="forward; backward = forward + backward; decode = ms per token and tokens/s")
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", type=_positive(int), default=8)
     t.add_argument("--dim", type=_positive(int), default=128, help="head dim of the large-head measurements")
     t.add_argument("--rounds", type=_positive(int), default=5, help="timed calls per contender, interleaved")
-    t.add_argument("--quick", action="store_true", help="fewer, shorter cases (seconds; for a first look)")
+    t.add_argument("--quick", action="store_true", help="shorter sequences, the same candidates (for a first look)")
     t.add_argument("--out", help="table to write (default: $LEETDECODING_TUNING or ~/.cache/leetdecoding/tuning.json)")
     t.add_argument("--dry-run", action="store_true", help="measure and print; write nothing")
     t.set_defaults(func=cmd_tune)
@@ -339,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    absent = extras.missing(REQUIRES.get(args.command, ()))
+    if absent:  # one line, not a traceback
+        hint = extras.install_hint(args.command)  # the extra named after the command
+        parser.exit(2, f"leetdecoding {args.command}: needs {' and '.join(absent)}: {hint}\n")
     try:
         return args.func(args)
     except UsageError as e:

@@ -198,7 +198,7 @@ def finite_log(log: torch.Tensor) -> torch.Tensor:
     return log.clamp(min=torch.finfo(log.dtype).min)
 
 
-def from_decay(decay) -> torch.Tensor:
+def from_decay(decay: float | torch.Tensor) -> torch.Tensor:
     """lambda in (0, 1] (a float or an (H,) tensor) -> log lambda, fp32 (a new tensor: the caller may modify it).
 
     Raises:
@@ -207,7 +207,7 @@ def from_decay(decay) -> torch.Tensor:
     return _canonical(decay, None, _heads(decay), torch.device("cpu"), torch.float32)
 
 
-def from_rate(rate) -> torch.Tensor:
+def from_rate(rate: float | torch.Tensor) -> torch.Tensor:
     """A rate s >= 0 with lambda = exp(-s) (LeetDecoding's `is_need_exp`, MiniMax slopes) -> log lambda = -s, fp32.
 
     Raises:

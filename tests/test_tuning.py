@@ -10,6 +10,7 @@ import torch
 
 import leetdecoding as ld
 from leetdecoding import dispatch, tuning
+from leetdecoding.bench.tune import Plan, covers, measure
 from leetdecoding.cli import main
 from leetdecoding.methods.naive import reference
 
@@ -93,8 +94,34 @@ def test_tune_command_writes_what_auto_reads(table, capsys):
     assert "what auto will use" in out and str(table) in out.replace("\n", "")
     values, source = tuning.lookup("cpu", torch.float32)
     assert source == table
-    assert values["vanilla_max_n"] in (0, 16, 64, 256) and values["chunk_size_small"] in (32, 64)
+    # --quick races the same candidates as a full run, at shorter lengths: each covers its default
+    assert values["vanilla_max_n"] in (0, 128, 256, 512) and values["chunk_size_small"] in (32, 64, 128, 256)
     assert "chunk_size_large" not in values  # dim 32 is a small head: one chunk size measured
+
+
+def test_a_race_covers_its_default_only_with_the_values_next_to_it():
+    chunks = tuning.ALLOWED["chunk_size_large"]  # 16 .. 256
+    assert covers((32, 64, 128, 256), 64, chunks) and covers((32, 64, 128, 256), 128, chunks)
+    assert not covers((32, 64), 64, chunks)  # nothing above the default was tried
+    assert not covers((32, 64), 128, chunks)  # the default itself was not tried
+    assert not covers((64, 128), 64, chunks)  # nothing below
+    assert covers((16, 32), 16, chunks) and covers((128, 256), 256, chunks)  # nothing allowed below / above
+    assert covers((128, 256, 512), 256, tuning.ALLOWED["vanilla_max_n"])
+    assert not covers((16, 64, 256), 256, tuning.ALLOWED["vanilla_max_n"])
+
+
+def test_a_narrower_race_does_not_override_the_default(table, capsys):
+    """The issue's case: chunks 32 and 64 alone (the old --quick) would have written chunk_size_large = 64 as
+    measured. Nothing narrower than the default's neighbourhood is recorded, and auto keeps the defaults."""
+    narrow = Plan(chunk_n=128, chunks=(32, 64), crossover_n=(16, 64, 256))
+    notes = []
+    values, rows = measure("cpu", torch.float32, heads=1, dim=128, rounds=1, plan=narrow, progress=notes.append)
+    assert values == {}
+    assert {r.value for r in rows} == {"chunk_size_small", "chunk_size_large", "vanilla_max_n"}  # raced all
+    assert sum("not recorded" in n for n in notes) == 3
+    wide = Plan(chunk_n=128, chunks=(32, 64, 128), crossover_n=(16, 64, 256))
+    values, _ = measure("cpu", torch.float32, heads=1, dim=128, rounds=1, plan=wide)
+    assert set(values) == {"chunk_size_large"} and values["chunk_size_large"] in (32, 64, 128)
 
 
 def test_tune_out_elsewhere_says_how_to_use_it(table, tmp_path, capsys):

@@ -4,7 +4,6 @@ arguments and their checks): the machine header, the sweep with a progress bar, 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +22,6 @@ MODES = {
     "decode": "decode: one ld.decode_step after a prefill of N tokens, state updated in place; tok/s = B / ms",
 }
 HISTORY_CONTEXT = ("date", "leetdecoding", "torch", "python", "device_name", "torch_threads")
-
-
-class ShowDefaults(argparse.HelpFormatter):
-    """bench --help: each default that is a value (not None, not a flag's False) after its help."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
-            return action.help
-        return f"{action.help or ''} (default: %(default)s)"
 
 
 def runnable(registry: dict, device: str) -> list[str]:

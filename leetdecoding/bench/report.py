@@ -1,12 +1,20 @@
-"""Rich tables for the command line: methods available here, check results, benchmark results."""
+"""Tables for the command line: methods available here, check results, benchmark results.
+
+rich's tables when rich is installed (the [cli] / [bench] extras), the same tables in plain text otherwise
+(`bench.plain`). `fitted` sizes a table's columns to the terminal so that no word is split.
+"""
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from ..methods import REGISTRY
 from ..methods.decode import DECODE_REGISTRY
+from . import plain
 from .check import CheckResult
+
+try:
+    from rich.table import Table
+except ImportError:  # a plain `pip install`: no extras
+    from .plain import Table
 
 STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
 
@@ -26,19 +34,57 @@ def availability(name: str, device: str) -> str:
     return "available here"
 
 
-def methods_table(methods: list[dict], device: str) -> Table:
-    """One row per method of `leetdecoding.list_methods()`."""
-    t = Table(title=f"methods (device: {device})")
-    for col in ("method", "for", "backend", "devices", "dtypes", "time", "memory", "grad", "here"):
-        t.add_column(col, overflow="fold")
-    for m in methods:
-        here = availability(m["name"], device)
-        t.add_row(
-            m["name"], m["operation"], m["backend"], ", ".join(m["devices"]), ", ".join(m["dtypes"]), m["time"],
-            m["memory"], _yes(m["grad"]),
-            f"[green]{here}[/]" if here == "available here" else f"[yellow]{here}[/]",
-        )
+def _method_cells(m: dict, device: str) -> dict[str, str]:
+    here = availability(m["name"], device)
+    return {
+        "method": m["name"], "for": m["operation"], "backend": m["backend"], "devices": ", ".join(m["devices"]),
+        "dtypes": ", ".join(m["dtypes"]), "time": m["time"], "memory": m["memory"], "grad": _yes(m["grad"]),
+        "here": f"[green]{here}[/]" if here == "available here" else f"[yellow]{here}[/]",
+    }
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[dict[str, str]]) -> Table:
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*(r[c] for c in columns))
     return t
+
+
+ALL_COLUMNS = ("method", "for", "backend", "devices", "dtypes", "time", "memory", "grad", "here")
+# Where the whole table cannot fit without splitting words (80 columns): what each method costs, then whether it
+# can run here, each under the method's name.
+NARROW_COLUMNS = (("method", "devices", "dtypes", "time", "memory"), ("method", "for", "backend", "grad", "here"))
+
+
+def methods_tables(methods: list[dict], device: str, width: int = 400) -> list[Table]:
+    """One row per method of `leetdecoding.list_methods()`: one table, or two where one is wider than `width`."""
+    rows = [_method_cells(m, device) for m in methods]
+    title = f"methods (device: {device})"
+    if min_width(ALL_COLUMNS, rows) <= width:
+        return [fitted(_table(title, ALL_COLUMNS, rows), width)]
+    costs, here = NARROW_COLUMNS
+    return [fitted(_table(f"{title}: cost", costs, rows), width), fitted(_table(title, here, rows), width)]
+
+
+def min_width(columns: tuple[str, ...], rows: list[dict[str, str]]) -> int:
+    """The narrowest a table of these columns prints without splitting a word."""
+    cells = [list(columns)] + [[plain.strip_markup(r[c]) for c in columns] for r in rows]
+    return plain.frame_width(plain.column_words(cells, len(columns)))
+
+
+def fitted(table: Table, width: int) -> Table:
+    """`table`, its columns sized within `width` (never below their longest word, so that no word is split);
+    a plain table does this when it is printed."""
+    if isinstance(table, plain.Table):
+        return table
+    columns = table.columns
+    cells = [[str(c.header) for c in columns]]
+    cells += [list(row) for row in zip(*([plain.strip_markup(str(x)) for x in c.cells] for c in columns))]
+    for column, w in zip(columns, plain.fit_widths(cells, len(columns), width)):
+        column.width = max(w, 1)
+    return table
 
 
 def key_value_table(title: str, items: dict[str, str]) -> Table:
@@ -53,7 +99,7 @@ def key_value_table(title: str, items: dict[str, str]) -> Table:
 def check_table(results: list[CheckResult], device: str) -> Table:
     t = Table(title=f"every method against the fp64 reference on {device}")
     for col in ("method", "dtype", "worst error / tolerance", "result", "detail"):
-        t.add_column(col, overflow="fold")
+        t.add_column(col)
     for r in results:
         worst = "" if r.worst is None else f"{r.worst:.3g}"
         t.add_row(r.method, r.dtype, worst, f"[{STATUS_STYLE[r.status]}]{r.status}[/]", r.detail)
@@ -123,3 +169,18 @@ def bench_table(rows: list[dict], title: str) -> Table:
             _num(r["gflops"], ".1f"), rate[1](r), peak, _num(r["error"], ".1e"), r["auto"], note,
         )
     return t
+
+
+def tune_tables(rows: list, values: dict[str, int], defaults: dict[str, int]) -> list[Table]:
+    """`leetdecoding tune`'s measurements (`bench.tune.Measurement`) and the values it found."""
+    t = Table(title="measurements (ms, median)")
+    for col in ("value", "case", "contender", "ms"):
+        t.add_column(col, justify="right" if col == "ms" else "left")
+    for r in rows:
+        t.add_row(r.value, r.case, r.contender, f"{r.median_ms:.3f}")
+    chosen = Table(title="what auto will use")
+    for col in ("value", "default", "measured"):
+        chosen.add_column(col)
+    for name, value in values.items():
+        chosen.add_row(name, str(defaults[name]), str(value))
+    return [t, chosen]

@@ -30,11 +30,11 @@ search that reorders the linear states (see `hf_minimax_cache`).
 from __future__ import annotations
 
 import torch
-from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
 
 from leetdecoding.inputs import compute_dtype_for
 from leetdecoding.layers import attend, gated_output, split_heads
 
+from ._minimax_classes import MiniMaxLightningAttention
 from ._patch import Integration, LayerReport, PatchReport, check_method, record
 from .hf_minimax_cache import LeetMiniMaxCache
 

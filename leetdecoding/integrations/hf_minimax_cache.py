@@ -18,7 +18,8 @@ What it fixes (transformers 5.x):
 from __future__ import annotations
 
 import torch
-from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+from ._minimax_classes import MiniMaxCache
 
 
 class LeetMiniMaxCache(MiniMaxCache):
