@@ -185,3 +185,12 @@ def test_opcheck(case):
     op, args = list(opcheck_cases())[case]
     torch.library.opcheck(op, args)
 
+
+
+def test_the_public_ops_and_the_kernel_ops_do_not_share_names():
+    pytest.importorskip("triton")
+    from leetdecoding.methods.triton import ops  # registers the kernels' ops
+
+    assert ops.USE_TRITON_OP in (True, False)
+    assert "numbers" in str(torch.ops.leetdecoding.decode_step.default._schema)  # the public op, not the kernel
+    assert hasattr(torch.ops.leetdecoding_triton, "decode_step")

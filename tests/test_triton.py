@@ -407,11 +407,11 @@ def test_registered_as_torch_library_ops():
     from leetdecoding.methods.triton import ops
 
     for name in ("chunked_fwd", "chunked_bwd", "recurrent_fwd", "fleet_fwd", "decode_step"):
-        assert hasattr(torch.ops.leetdecoding, name)
+        assert hasattr(torch.ops.leetdecoding_triton, name)
     q = torch.randn(1, 4, 20, 16, device=DEVICE)
     o, final = ops.chunked_fwd(q, q, q, torch.log(DECAYS).float().to(DEVICE), None, 1.0, True, 64, "accurate", None)
     torch.library.opcheck(
-        torch.ops.leetdecoding.chunked_fwd.default,
+        torch.ops.leetdecoding_triton.chunked_fwd.default,
         (q, q, q, torch.log(DECAYS).float().to(DEVICE), None, 1.0, True, 64, "accurate", None),
         test_utils=("test_schema", "test_faketensor"),
     )
@@ -428,7 +428,7 @@ def test_torch_compile_matches_eager():
     backend = "inductor" if CUDA else "aot_eager"  # CPU: no inductor codegen around an interpreted kernel
 
     def op_call(q, k, v):
-        o, _ = torch.ops.leetdecoding.chunked_fwd(q, k, v, log_decay, None, 0.5, False, 64, "accurate", None)
+        o, _ = torch.ops.leetdecoding_triton.chunked_fwd(q, k, v, log_decay, None, 0.5, False, 64, "accurate", None)
         return (o * 2).sum()
 
     def model(q, k, v):

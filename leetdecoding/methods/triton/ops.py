@@ -9,10 +9,10 @@ With torch >= 2.6 on a GPU the operators are `torch.library.triton_op`s: the ker
 `wrap_triton`, so torch.compile sees the Triton kernels themselves. Under the interpreter (CPU tensors) or on
 an older torch they are opaque `torch.library.custom_op`s with a fake (shape-only) implementation.
 
-    leetdecoding::chunked_fwd  (+ autograd through leetdecoding::chunked_bwd)
-    leetdecoding::recurrent_fwd
-    leetdecoding::fleet_fwd
-    leetdecoding::decode_step  (writes the new state into out_state, which may be the state itself)
+    leetdecoding_triton::chunked_fwd  (+ autograd through leetdecoding_triton::chunked_bwd)
+    leetdecoding_triton::recurrent_fwd
+    leetdecoding_triton::fleet_fwd
+    leetdecoding_triton::decode_step  (writes the new state into out_state, which may be the state itself)
 """
 
 import contextlib
@@ -38,7 +38,7 @@ def device_of(t: Tensor):
 
 
 def _define(name: str, schema: str, impl, fake, mutates=()):
-    qualname = f"leetdecoding::{name}"
+    qualname = f"leetdecoding_triton::{name}"  # the public ops are leetdecoding:: (custom_ops.py)
     define = torch.library.triton_op if USE_TRITON_OP else torch.library.custom_op
     # an explicit schema where this torch takes one; the annotations of `impl` otherwise
     extra = {"schema": schema} if "schema" in inspect.signature(define).parameters else {}
@@ -148,7 +148,7 @@ def _chunked_grad(ctx, do, dfinal):
     return *grads, None, None, None, None, None
 
 
-torch.library.register_autograd("leetdecoding::chunked_fwd", _chunked_grad, setup_context=_chunked_setup)
+torch.library.register_autograd("leetdecoding_triton::chunked_fwd", _chunked_grad, setup_context=_chunked_setup)
 
 
 # ----- triton_recurrent, decode_step, triton_fleet -----
