@@ -116,7 +116,7 @@ def subnormal_band_powers(log_decay: torch.Tensor, chunk: int) -> int:
 
 def chunk_size_for(x: AttentionInputs, chunk: int) -> int:
     """`chunk`, halved on CPU while the decays put many factors of a chunk just above the smallest normal number."""
-    if x.device.type != "cpu" or tracing():
+    if x.device.type != "cpu" or tracing() or x.per_token:
         return chunk
     while chunk > SUBNORMAL_MIN_CHUNK and subnormal_band_powers(x.log_decay, chunk) > SUBNORMAL_MAX_POWERS:
         chunk //= 2

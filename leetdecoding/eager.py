@@ -41,8 +41,12 @@ def _empty_sequence(x: AttentionInputs):
     initial_state."""
     cd = x.compute_dtype
     q, k, v = (t.to(cd) for t in (x.q, x.k, x.v))
-    o = finish(x, (q @ k.transpose(-1, -2)) @ v * decay_factor(head_log_decay(x)))
-    state = state_contribution(k, v, x.log_decay).expand(x.num_sequences, -1, -1, -1)
+    if x.per_token:  # (B, H, 0) log decays: their sum over no tokens joins the graph
+        o = finish(x, (q @ k.transpose(-1, -2)) @ v)
+        state = (k.transpose(-1, -2) @ v + x.log_decay.sum(-1)[..., None, None]).expand(x.num_sequences, -1, -1, -1)
+    else:
+        o = finish(x, (q @ k.transpose(-1, -2)) @ v * decay_factor(head_log_decay(x)))
+        state = state_contribution(k, v, x.log_decay).expand(x.num_sequences, -1, -1, -1)
     state = state + x.initial_state if x.initial_state is not None else state.clone()
     return o, state
 

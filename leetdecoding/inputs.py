@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decay as _decay
+from .gates import canonical_gates, is_per_token
 from .positions import check_checkpoints, check_cu_seqlens
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -31,7 +32,8 @@ class AttentionInputs:
     q: torch.Tensor  # (B, H, N, Dk), possibly a strided view
     k: torch.Tensor  # (B, H, N, Dk)
     v: torch.Tensor  # (B, H, N, Dv)
-    log_decay: torch.Tensor  # (H,) in compute_dtype, on the inputs' device, every entry <= 0
+    # log lambda in compute_dtype on the inputs' device, every entry <= 0: (H,) per head, or (B, H, N) per token
+    log_decay: torch.Tensor
     scale: float
     initial_state: torch.Tensor | None  # (B, H, Dk, Dv), or (S, H, Dk, Dv) with cu_seqlens; compute_dtype
     output_final_state: bool
@@ -62,6 +64,11 @@ class AttentionInputs:
             return self.seq_len
         return max((b - a for a, b in zip(self.offsets, self.offsets[1:])), default=0)
 
+    @property
+    def per_token(self) -> bool:
+        """The decay is per token: log_decay is (B, H, N) (leetdecoding.gates), not (H,)."""
+        return self.log_decay.ndim == 3
+
     def segment(self, start: int, end: int, initial_state, output_final_state: bool) -> AttentionInputs:
         """The tokens [start, end) of every batch row as a plain (not packed) problem, a segment in the sense of
         leetdecoding.segments; views, no copies."""
@@ -69,7 +76,7 @@ class AttentionInputs:
             q=self.q[:, :, start:end],
             k=self.k[:, :, start:end],
             v=self.v[:, :, start:end],
-            log_decay=self.log_decay,
+            log_decay=self.log_decay[:, :, start:end] if self.per_token else self.log_decay,
             scale=self.scale,
             initial_state=initial_state,
             output_final_state=output_final_state,
@@ -99,6 +106,8 @@ class AttentionInputs:
             f"q {tuple(self.q.shape)}, k {tuple(self.k.shape)}, v {tuple(self.v.shape)}, "
             f"{dtype_name(self.dtype)} on {self.device}"
         )
+        if self.per_token:
+            s += ", per-token decay"
         if self.initial_state is not None:
             s += ", with initial_state"
         if self.offsets is not None:
@@ -218,7 +227,7 @@ def validate(
         q=q,
         k=k,
         v=v,
-        log_decay=_decay.canonical_log_decay(decay, log_decay, H, q.device, cd),
+        log_decay=_log_decay(decay, log_decay, q, offsets is not None, cd),
         scale=check_scale(scale),
         initial_state=check_state(
             "initial_state", initial_state, (states, H, Dk, Dv), q.device, q.dtype,
@@ -231,6 +240,15 @@ def validate(
     )
 
 
+def _log_decay(decay, log_decay, q: torch.Tensor, packed: bool, cd: torch.dtype) -> torch.Tensor:
+    """log lambda: (H,) for a constant decay, (B, H, N) for a per-token one (leetdecoding.gates)."""
+    B, H, N, _ = q.shape
+    if not is_per_token(decay, log_decay):
+        return _decay.canonical_log_decay(decay, log_decay, H, q.device, cd)
+    layout = "(1, H, T_total) with cu_seqlens" if packed else "(B, H, N)"
+    return canonical_gates(decay, log_decay, (B, H, N), layout, q.device, cd)
+
+
 @dataclass
 class DecodeInputs:
     """One validated decode step: what the decode methods (leetdecoding.methods.decode) read."""
@@ -240,7 +258,7 @@ class DecodeInputs:
     v: torch.Tensor  # (B, H, Dv)
     state: torch.Tensor  # (B, H, Dk, Dv) in compute_dtype
     out_state: torch.Tensor | None  # where the new state goes (may be `state` itself), or None for a new tensor
-    log_decay: torch.Tensor  # (H,) in compute_dtype
+    log_decay: torch.Tensor  # (H,) in compute_dtype, or (B, H): this step's decay per sequence
     scale: float
     compute_dtype: torch.dtype
     derived: tuple = ()  # derive(log_decay) of validate_decode, from the same read of the decay
@@ -252,7 +270,11 @@ class DecodeInputs:
 
     def key(self) -> tuple:
         """What a decode method's refusals depend on: the same key, the same choice."""
-        return (self.q.device, self.q.dtype, self.q.shape[-1], self.v.shape[-1], self.requires_grad)
+        return (self.q.device, self.q.dtype, self.q.shape[-1], self.v.shape[-1], self.requires_grad, self.per_token)
+
+    @property
+    def per_token(self) -> bool:
+        return self.log_decay.ndim == 2
 
 
 def validate_decode(q, k, v, state, decay, log_decay, scale, out_state, derive=None) -> DecodeInputs:
@@ -290,8 +312,12 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state, derive=N
     if not ok:  # raises with the detail, or finds the inputs valid after all (the fast checks are a shortcut)
         _explain_decode_error(q, k, v, state, out_state)
         cd = compute_dtype_for(q.dtype)
-    log = _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd, derive)
-    log, derived = (log, ()) if derive is None else (log[0], log[1:])
+    if is_per_token(decay, log_decay):  # this step's own decay per sequence and head (leetdecoding.gates)
+        log = canonical_gates(decay, log_decay, tuple(q.shape[:2]), "(B, H) for a decode step", q.device, cd)
+        derived = (torch.exp(log.double()).to(cd)[..., None, None],)  # lambda (B, H, 1, 1) for the step
+    else:
+        log = _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd, derive)
+        log, derived = (log, ()) if derive is None else (log[0], log[1:])
     scale = scale if type(scale) is float and math.isfinite(scale) else check_scale(scale)
     return DecodeInputs(q, k, v, state, out_state, log, scale, cd, derived)
 

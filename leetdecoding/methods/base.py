@@ -31,14 +31,17 @@ class Declared:
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     max_head_dim: int | None = None
     supports_grad: bool = True
+    per_token_decay: bool = False  # takes a decay per token (leetdecoding.gates), not only per head
 
     def unavailable_reason(self) -> str | None:
         """Why this method cannot run in this process at all (a missing package), or None."""
         return None
 
-    def capability_reasons(self, device: torch.device, dtype: torch.dtype, dk: int, dv: int, grad: bool) -> list[str]:
+    def capability_reasons(
+        self, device: torch.device, dtype: torch.dtype, dk: int, dv: int, grad: bool, per_token: bool = False
+    ) -> list[str]:
         """The refusals the declarations imply for inputs on `device` in `dtype` with head dims dk, dv; `grad`:
-        some input requires grad."""
+        some input requires grad; `per_token`: the decay is per token."""
         reasons = []
         missing = self.unavailable_reason()
         if missing:
@@ -51,6 +54,8 @@ class Declared:
             reasons.append(f"head dims up to {self.max_head_dim}, got Dk={dk}, Dv={dv}")
         if grad and not self.supports_grad:
             reasons.append("no gradient support (an input requires grad)")
+        if per_token and not self.per_token_decay:
+            reasons.append("no per-token decay (a decay per head only)")
         return reasons
 
     def info(self) -> dict:
@@ -62,6 +67,7 @@ class Declared:
             "dtypes": [dtype_name(d) for d in self.dtypes],
             "max_head_dim": self.max_head_dim,
             "grad": self.supports_grad,
+            "per_token_decay": self.per_token_decay,
             "available": self.unavailable_reason() is None,
             "unavailable_reason": self.unavailable_reason(),
         }
@@ -85,7 +91,7 @@ class Method(Declared):
         raise NotImplementedError
 
     def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
-        return self.capability_reasons(x.device, x.dtype, x.dk, x.dv, x.requires_grad)
+        return self.capability_reasons(x.device, x.dtype, x.dk, x.dv, x.requires_grad, x.per_token)
 
     def forward(self, x: AttentionInputs, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError

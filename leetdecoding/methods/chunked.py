@@ -42,6 +42,7 @@ import torch
 from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs, compute_dtype_for
 from ..memo import ValueMemo
+from . import gated
 from .autograd import twice_differentiable_grads
 from .base import Method, elem_bytes, output_buffer, with_margin
 from .chunk_backward import BackwardStep
@@ -203,9 +204,14 @@ class Chunked(Method):
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv + C^2)"
     options = ("chunk_size", "span_bytes")
+    per_token_decay = True
 
     def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, span_bytes: int) -> int:
         c = max(1, min(chunk_size, x.seq_len))
+        if x.per_token:  # leetdecoding.methods.gated: a chunk's products and tables, all of them kept for autograd
+            chunks = -(-x.seq_len // c) if x.requires_grad else 1
+            per_chunk = 4 * c * c + c * (3 * x.dk + 2 * x.dv) + 2 * x.dk * x.dv
+            return with_margin(elem_bytes(x) * x.batch * x.heads * (chunks * per_chunk + x.seq_len * x.dv))
         # the forward's buffers (leetdecoding.methods.chunk_steps), for a chunk and, while the last partial chunk's
         # are made, those too: scores, decayed q and k, output; chunk copies of inputs that are not compute-dtype
         # (B*H, N, D) views
@@ -225,6 +231,9 @@ class Chunked(Method):
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head + tables)
 
     def forward(self, x: AttentionInputs, *, chunk_size: int, span_bytes: int):
+        if x.per_token:
+            o, state = gated.forward_blocks(x, chunk_size)
+            return o, (state if x.output_final_state else None)
         args = (x.scale, chunk_size, span_bytes)
         if x.requires_grad:
             o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args)

@@ -17,7 +17,8 @@ from .recurrent import step
 
 class DecodeMethod(Declared):
     def not_supported_reasons(self, d: DecodeInputs) -> list[str]:
-        return self.capability_reasons(d.q.device, d.q.dtype, d.q.shape[-1], d.v.shape[-1], d.requires_grad)
+        q, dv = d.q, d.v.shape[-1]
+        return self.capability_reasons(q.device, q.dtype, q.shape[-1], dv, d.requires_grad, d.per_token)
 
     def step(self, d: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -29,6 +30,7 @@ class DecodeMethod(Declared):
 class RecurrentStep(DecodeMethod):
     name = "recurrent_step"
     algorithm = "the recurrence for one token in torch ops, the state updated in place or into out_state"
+    per_token_decay = True
 
     def step(self, d: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         (lam,) = d.derived  # from the validation's one read of the decay (see leetdecoding.inputs.validate_decode)
@@ -56,7 +58,8 @@ class TritonStep(DecodeMethod):
         return triton.triton_missing()
 
     def not_supported_reasons(self, d: DecodeInputs) -> list[str]:
-        return triton.decode_step_reasons(d.q, d.k, d.v, d.state)
+        per_token = ["no per-token decay (a decay per head only)"] if d.per_token else []
+        return triton.decode_step_reasons(d.q, d.k, d.v, d.state) + per_token
 
     def step(self, d: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return triton.decode_step(d.q, d.k, d.v, d.state, d.log_decay, d.scale, d.out_state)

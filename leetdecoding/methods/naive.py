@@ -64,10 +64,13 @@ def reference(
     initial_state: torch.Tensor | None = None,
     scale: float = 1.0,
 ) -> Reference:
-    """q, k (B, H, N, Dk), v (B, H, N, Dv), decay lambda (H,) or a float; computed in fp64 on the CPU."""
+    """q, k (B, H, N, Dk), v (B, H, N, Dv), decay lambda (H,) or a float, or (B, H, N) per token (lambda_t
+    multiplies the state before token t); computed in fp64 on the CPU."""
     q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
     B, H, N, Dk = q.shape
-    lam = torch.as_tensor(decay).detach().to("cpu", torch.float64).expand(H).reshape(1, H, 1, 1)
+    decay = torch.as_tensor(decay).detach().to("cpu", torch.float64)
+    per_token = decay.ndim == 3
+    lam = decay.unsqueeze(-1).unsqueeze(-1) if per_token else decay.expand(H).reshape(1, H, 1, 1)
     if initial_state is None:
         s = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float64, device="cpu")
     else:
@@ -78,8 +81,9 @@ def reference(
     with _one_thread():
         for t in range(N):
             kv = k[:, :, t, :, None] * v[:, :, t, None, :]
-            s = lam * s + kv
-            s_abs = lam * s_abs + kv.abs()
+            lam_t = lam[:, :, t] if per_token else lam
+            s = lam_t * s + kv
+            s_abs = lam_t * s_abs + kv.abs()
             o[:, :, t] = scale * (q[:, :, t, None, :] @ s).squeeze(-2)
             o_abs[:, :, t] = abs(scale) * (q[:, :, t, None, :].abs() @ s_abs).squeeze(-2)
     return Reference(o, o_abs, s, s_abs)
@@ -99,8 +103,12 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor, ref_abs: torch.Tensor) 
 
 def reference_closed_form(q, k, v, log_decay, initial_state=None, scale=1.0):
     """The operator in closed form, fp64, differentiable in every input (for gradient references):
-    o_t = scale (sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s + lambda^(t+1) q_t S0); also returns the final state."""
+    o_t = scale (sum_{s<=t} lambda^(t-s) (q_t . k_s) v_s + lambda^(t+1) q_t S0); also returns the final state.
+    A per-token log_decay (B, H, N) takes the factors exp(G_t - G_s) of its cumulative sums G (moderate values:
+    the sums are global here)."""
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    if log_decay.ndim == 3:
+        return _closed_form_per_token(q, k, v, log_decay.to(torch.float64), initial_state, scale)
     g = log_decay.to(torch.float64).view(1, -1, 1, 1)
     n = q.shape[2]
     t = torch.arange(n, dtype=torch.float64)
@@ -112,4 +120,19 @@ def reference_closed_form(q, k, v, log_decay, initial_state=None, scale=1.0):
         s0 = initial_state.to(torch.float64)
         o = o + (q * torch.exp(g * (t + 1).view(1, 1, -1, 1))) @ s0
         state = state + torch.exp(g * n) * s0
+    return scale * o, state
+
+
+def _closed_form_per_token(q, k, v, g, initial_state, scale):
+    G = torch.cumsum(g, dim=-1)  # (B, H, N)
+    n = q.shape[2]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.exp((G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(~causal, float("-inf")))
+    o = ((q @ k.transpose(-1, -2)) * mask) @ v
+    last = G[..., -1:] if n else torch.zeros_like(G[..., :1])
+    state = (k * torch.exp(last - G).unsqueeze(-1)).transpose(-1, -2) @ v
+    if initial_state is not None:
+        s0 = initial_state.to(torch.float64)
+        o = o + (q * torch.exp(G).unsqueeze(-1)) @ s0
+        state = state + torch.exp(last).unsqueeze(-1) * s0
     return scale * o, state

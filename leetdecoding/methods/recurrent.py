@@ -11,6 +11,7 @@ import torch
 from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs
 from ..memo import ValueMemo, tracing
+from . import gated
 from .autograd import twice_differentiable_grads
 from .base import Method, elem_bytes, output_buffer, with_margin
 from .decay_math import decay_factor
@@ -45,7 +46,8 @@ def step_factors(log_decay: torch.Tensor) -> tuple[torch.Tensor]:
 def step(state, q_t, k_t, v_t, lam, out=None):
     """One token: returns (o_t, new_state), o_t = q_t (lam S + k_t^T v_t) in the state dtype, unscaled.
 
-    q_t, k_t (B, H, Dk), v_t (B, H, Dv) in the state dtype; lam (1, H, 1, 1). With `out` (which may be `state`
+    q_t, k_t (B, H, Dk), v_t (B, H, Dv) in the state dtype; lam (1, H, 1, 1), or (B, H, 1, 1) for a decay per
+    sequence (a per-token decay's step). With `out` (which may be `state`
     itself) the new state is written there; otherwise a new tensor is returned. A large contiguous CPU state is
     updated block by block (see CACHE_BLOCK_BYTES).
     """
@@ -74,7 +76,7 @@ def step(state, q_t, k_t, v_t, lam, out=None):
     operands = (  # (B*H, ...) views, split into blocks by one call each (slicing per block costs more)
         state.view(n, dk, dv),
         new.view(n, dk, dv),
-        lam.view(h, 1, 1).expand(b, h, 1, 1).reshape(n, 1, 1),
+        lam.expand(b, h, 1, 1).reshape(n, 1, 1),  # lam (1, H, 1, 1) per head or (B, H, 1, 1) per sequence
         k_t.reshape(n, dk, 1),
         v_t.reshape(n, 1, dv),
         q_t.reshape(n, 1, dk),
@@ -178,6 +180,7 @@ class Recurrent(Method):
     algorithm = "causal dot product: one state update per token"
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(Dk Dv)"
+    per_token_decay = True
 
     def extra_memory_bytes(self, x: AttentionInputs) -> int:
         per_head = 3 * x.dk * x.dv + 2 * (x.dk + x.dv)  # zeros, the update buffer and the final clone; a token
@@ -186,7 +189,9 @@ class Recurrent(Method):
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head)
 
     def forward(self, x: AttentionInputs):
-        if x.requires_grad:
+        if x.per_token:
+            o, state = gated.recurrent(x)
+        elif x.requires_grad:
             o, state = RecurrentFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale)
         else:
             o, state, _ = recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..inputs import AttentionInputs
+from . import gated
 from .base import Method, elem_bytes, finish, upcast_bytes, with_margin
 from .decay_math import causal_decay_matrix, final_state, initial_state_output
 
@@ -14,6 +15,7 @@ class Vanilla(Method):
     time_complexity = "O(N^2 (Dk+Dv))"
     memory_complexity = "O(N^2)"
     time_exponent = 2.0
+    per_token_decay = True
 
     def extra_memory_bytes(self, x: AttentionInputs) -> int:
         # Counted from forward (bench/memory.py measures it: benchmarks/memory_estimates.py). While the decay
@@ -32,6 +34,9 @@ class Vanilla(Method):
         return with_margin(matrices + 3 * e * bh * x.seq_len * x.dv + upcast_bytes(x))
 
     def forward(self, x: AttentionInputs):
+        if x.per_token:  # the whole sequence as one block of leetdecoding.methods.gated
+            o, state = gated.forward_blocks(x, max(x.seq_len, 1))
+            return o, (state if x.output_final_state else None)
         cd = x.compute_dtype
         q, k, v = x.q.to(cd), x.k.to(cd), x.v.to(cd)
         scores = (q @ k.transpose(-1, -2)) * causal_decay_matrix(x.log_decay, x.seq_len)

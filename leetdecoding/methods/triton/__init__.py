@@ -62,11 +62,11 @@ class TritonMethod(Method):
         return triton_missing()
 
     def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
-        return self.reasons(x.device, x.dtype, x.dk, x.dv, x.requires_grad)
+        return self.reasons(x.device, x.dtype, x.dk, x.dv, x.requires_grad, x.per_token)
 
-    def reasons(self, device: torch.device, dtype: torch.dtype, dk: int, dv: int, grad: bool) -> list[str]:
+    def reasons(self, device, dtype: torch.dtype, dk: int, dv: int, grad: bool, per_token: bool = False) -> list[str]:
         """The declared capabilities' refusals, then the bf16 rule (asking the GPU only for inputs that fit)."""
-        reasons = self.capability_reasons(device, dtype, dk, dv, grad)
+        reasons = self.capability_reasons(device, dtype, dk, dv, grad, per_token)
         old_gpu = None if reasons else bf16_refusal(device, dtype)
         return reasons + ([old_gpu] if old_gpu else [])
 

@@ -1,0 +1,89 @@
+"""Per-token decays (data-dependent gates, fla's `g`): one log decay per token and head.
+
+    S_t = lambda_t S_{t-1} + k_t^T v_t,   S_{-1} = initial_state,   o_t = scale q_t S_t
+
+so lambda_0 multiplies the initial state (fla's convention, Mamba-2's SSD, gated RetNet). A constant decay is the
+special case lambda_t = lambda_h and keeps its own faster path.
+
+Every factor the methods form is exp(G_t - G_s) with G the cumulative sum of the log decays *within a chunk* (or a
+sequence, for the quadratic form), s <= t: the exponent is never positive, and no global cumulative sum (whose
+differences cancel when it reaches -1e6 in fp32) is formed. The sums are taken in fp64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import decay as _decay
+
+# A log decay below RESET is a reset: exp of it is 0 in every dtype, fp64 included, so every factor across it is
+# exactly 0. The cumulative sums leave resets out (each factor is then a difference of sums of ordinary log
+# decays, or 0), so that a -inf, -1e4 or -1e30 never enters a sum: inf - inf = NaN, and a -1e30 would take every
+# digit of the sums after it.
+RESET = -746.0
+
+
+def is_per_token(decay, log_decay) -> bool:
+    """The decay argument is a tensor with a time axis (ndim >= 2): a per-token decay."""
+    raw = decay if decay is not None else log_decay
+    return isinstance(raw, torch.Tensor) and raw.ndim >= 2
+
+
+def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, device, dtype) -> torch.Tensor:
+    """Validate a per-token `decay` (lambda in [0, 1], 0 a reset) or `log_decay` (log lambda <= 0, -inf a reset)
+    of exactly `shape` and return log lambda in `dtype` on `device` (-inf as the dtype's most negative number).
+
+    Raises:
+        ValueError: both given, a wrong shape (the message names `layout`), NaN, a value out of range.
+        TypeError: not a real tensor.
+    """
+    if decay is not None and log_decay is not None:
+        raise ValueError("pass either decay (lambda in [0, 1]) or log_decay (log lambda <= 0), not both.")
+    name = "decay" if decay is not None else "log_decay"
+    t = _decay._as_float_tensor(name, decay if decay is not None else log_decay)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(
+            f"a per-token {name} must have shape {tuple(shape)} {layout} (one value per head and token); got "
+            f"{tuple(t.shape)}. Hint: from fla's (B, T, H) gates g pass g.transpose(1, 2)."
+        )
+    bad = torch.isnan(t) | ((t < 0) | (t > 1) if decay is not None else t > 0)
+    if bool(bad.any()):
+        rule = "in [0, 1] (0 forgets the state)" if decay is not None else "<= 0 (-inf forgets the state)"
+        raise ValueError(f"a per-token {name} must be {rule}; got {_decay._describe_bad(t.flatten(), bad.flatten())}.")
+    log = torch.log(t) if decay is not None else t  # t is fp64 here
+    return _decay.finite_log(log.to(device=device, dtype=dtype))
+
+
+class Sums:
+    """The exponents of a block of tokens (..., n): G_t = sum of the ordinary log decays up to t (fp64, resets
+    left out) and the number of resets up to t. A factor between s <= t is exp(G_t - G_s) when no reset lies in
+    (s, t], else 0."""
+
+    def __init__(self, g: torch.Tensor):
+        reset = g < RESET
+        self.G = torch.cumsum(torch.where(reset, 0.0, g.to(torch.float64)), dim=-1)
+        self.resets = torch.cumsum(reset.to(torch.int32), dim=-1)
+
+    def within(self, dtype: torch.dtype) -> torch.Tensor:
+        """exp(G_t - G_s) for s <= t with no reset in (s, t], else 0: (..., n, n)."""
+        n = self.G.shape[-1]
+        keep = torch.ones(n, n, dtype=torch.bool, device=self.G.device).tril()
+        keep = keep & (self.resets.unsqueeze(-1) == self.resets.unsqueeze(-2))
+        return _exp_where(self.G.unsqueeze(-1) - self.G.unsqueeze(-2), keep, dtype)
+
+    def from_start(self, dtype: torch.dtype) -> torch.Tensor:
+        """The factor from the block's start state to token t (lambda_0 ... lambda_t): (..., n)."""
+        return _exp_where(self.G, self.resets == 0, dtype)
+
+    def to_end(self, dtype: torch.dtype) -> torch.Tensor:
+        """The factor from token s to the block's end (lambda_{s+1} ... lambda_last): (..., n)."""
+        return _exp_where(self.G[..., -1:] - self.G, self.resets == self.resets[..., -1:], dtype)
+
+    def whole(self, dtype: torch.dtype) -> torch.Tensor:
+        """The factor across the whole block: (..., 1)."""
+        return self.from_start(dtype)[..., -1:]
+
+
+def _exp_where(exponent: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """exp(exponent) where keep, else exactly 0 (a gradient of 0 there too), in `dtype`."""
+    return torch.exp(exponent.masked_fill(~keep, float("-inf"))).to(dtype)

@@ -1,0 +1,130 @@
+"""Per-token decays (leetdecoding.gates) in the torch methods: the quadratic form, the chunk loop, the recurrence.
+
+With g_t = log lambda_t (B, H, N) and G the cumulative sum of g within a block of tokens (a chunk, or the whole
+sequence for the quadratic form), in fp64:
+
+    o_t   = scale ( sum_{s<=t} exp(G_t - G_s) (q_t . k_s) v_s + exp(G_t) q_t S_start )
+    S_end = exp(G_last) S_start + sum_s exp(G_last - G_s) k_s^T v_s
+
+Every exponent is <= 0. The quadratic form and the chunk loop are differentiated by autograd (inside one node,
+leetdecoding.methods.autograd.PlainAutogradFence, so that their backward computes without autocast and their
+second derivatives are exact); the recurrence has its own backward, token by token, with
+R_t = dL/dS_t = scale q_t^T do_t + lambda_{t+1} R_{t+1}: dq_t = scale do_t S_t^T, dk_t = R_t v_t,
+dv_t = R_t^T k_t, d g_t = lambda_t <R_t, S_{t-1}>, d S_init = lambda_0 R_0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..amp import backward_without_autocast
+from ..gates import Sums
+from ..inputs import AttentionInputs
+from .autograd import PlainAutogradFence, refuse_double_backward
+
+
+def _initial(x: AttentionInputs, dtype: torch.dtype) -> torch.Tensor:
+    if x.initial_state is not None:
+        return x.initial_state
+    return torch.zeros(x.batch, x.heads, x.dk, x.dv, dtype=dtype, device=x.device)
+
+
+def block(q, k, v, g, state):
+    """One block of tokens in the compute dtype: (o (B, H, n, Dv) unscaled, the state after it)."""
+    sums, cd = Sums(g), q.dtype
+    o = ((q @ k.transpose(-1, -2)) * sums.within(cd)) @ v + (q * sums.from_start(cd).unsqueeze(-1)) @ state
+    decayed_k = k * sums.to_end(cd).unsqueeze(-1)
+    state = sums.whole(cd).unsqueeze(-1) * state + decayed_k.transpose(-1, -2) @ v
+    return o, state
+
+
+def forward_blocks(x: AttentionInputs, size: int):
+    """(o in the input dtype, final state) of the blocks of `size` tokens in turn (size >= N: one block),
+    differentiable by autograd inside one node."""
+    cd = x.compute_dtype
+
+    def run(q, k, v, g, s0):
+        state, parts = s0, []
+        for start in range(0, x.seq_len, size):
+            part = slice(start, min(x.seq_len, start + size))
+            o, state = block(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), g[..., part], state)
+            parts.append(o)
+        o = torch.cat(parts, dim=2) if parts else x.q.new_zeros(x.batch, x.heads, 0, x.dv, dtype=cd)
+        return (o * x.scale if x.scale != 1.0 else o).to(x.dtype), state.clone() if not parts else state
+
+    inputs = (x.q, x.k, x.v, x.log_decay, _initial(x, cd))
+    return PlainAutogradFence.apply(run, *inputs) if x.requires_grad else run(*inputs)
+
+
+# ----- the recurrence, with its own backward -----
+
+CHECKPOINT_EVERY = 64  # the forward keeps the state every this many tokens for the backward to restart from
+
+
+def _step(state, q_t, k_t, v_t, lam):
+    new = torch.addcmul(state * lam, k_t.unsqueeze(-1), v_t.unsqueeze(-2))
+    return (q_t.unsqueeze(-2) @ new).squeeze(-2), new
+
+
+def recurrent_fwd(q, k, v, g, scale, initial_state, save):
+    cd = initial_state.dtype
+    lam = torch.exp(g.to(torch.float64)).to(cd)  # (B, H, N), each factor once
+    state, saved = initial_state, []
+    o = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    for t in range(q.shape[2]):
+        if save and t % CHECKPOINT_EVERY == 0:
+            saved.append(state)
+        o_t, state = _step(state, q[:, :, t].to(cd), k[:, :, t].to(cd), v[:, :, t].to(cd), lam[..., t, None, None])
+        o[:, :, t] = o_t * scale if scale != 1.0 else o_t
+    return o, state.clone() if q.shape[2] == 0 else state, saved
+
+
+def recurrent_bwd(q, k, v, g, scale, saved, do, d_final, initial_state):
+    cd = initial_state.dtype
+    n = q.shape[2]
+    lam = torch.exp(g.to(torch.float64)).to(cd)
+    grad = d_final.to(cd) if d_final is not None else torch.zeros_like(initial_state)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dg = torch.empty(g.shape, dtype=cd, device=g.device)
+    for i in reversed(range(len(saved))):
+        start, stop = i * CHECKPOINT_EVERY, min(n, (i + 1) * CHECKPOINT_EVERY)
+        states = [saved[i]]  # states[t - start]: the state before token t
+        for t in range(start, stop):
+            states.append(_step(states[-1], q[:, :, t].to(cd), k[:, :, t].to(cd), v[:, :, t].to(cd),
+                                lam[..., t, None, None])[1])  # fmt: skip
+        for t in reversed(range(start, stop)):
+            q_t, k_t, v_t, do_t = (z[:, :, t].to(cd) for z in (q, k, v, do))
+            do_t = do_t * scale
+            grad = torch.addcmul(grad, q_t.unsqueeze(-1), do_t.unsqueeze(-2))  # R_t
+            dq[:, :, t] = (states[t - start + 1] @ do_t.unsqueeze(-1)).squeeze(-1)
+            dk[:, :, t] = (grad @ v_t.unsqueeze(-1)).squeeze(-1)
+            dv[:, :, t] = (k_t.unsqueeze(-2) @ grad).squeeze(-2)
+            dg[..., t] = lam[..., t] * (grad * states[t - start]).sum((-2, -1))
+            grad = grad * lam[..., t, None, None]
+    return dq, dk, dv, dg.to(g.dtype), grad
+
+
+class GatedRecurrentFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale):
+        o, final, saved = recurrent_fwd(q, k, v, g, scale, initial_state, True)
+        ctx.save_for_backward(q, k, v, g, initial_state, *saved)
+        ctx.scale = scale
+        return o, final
+
+    @staticmethod
+    @backward_without_autocast
+    def backward(ctx, do, d_final):
+        q, k, v, g, initial_state, *saved = ctx.saved_tensors
+        grads = recurrent_bwd(q, k, v, g, ctx.scale, saved, do, d_final, initial_state)
+        grads = refuse_double_backward("recurrent (per-token decay)", grads, (q, k, v, g, initial_state, do))
+        return (*grads, None)
+
+
+def recurrent(x: AttentionInputs):
+    """(o, final state) of the recurrence with per-token decays."""
+    s0 = _initial(x, x.compute_dtype)
+    if x.requires_grad:
+        return GatedRecurrentFunction.apply(x.q, x.k, x.v, x.log_decay, s0, x.scale)
+    with torch.no_grad():
+        return recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.scale, s0, False)[:2]
