@@ -325,8 +325,10 @@ def transnormer(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor
 lightning = transnormer  # the earlier name of TransNormerLLM's convention, kept for existing callers
 
 
-def fla_lightning(num_heads: int, layer_idx: int, num_layers: int, *, dtype: torch.dtype = torch.float32):
-    """log lambda of fla's `chunk_lightning_attn` (fla.ops.lightning_attn, 0.3 to 0.6), shape (H,):
+def fla_lightning(
+    num_heads: int, layer_idx: int, num_layers: int, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """log lambda of fla's `chunk_lightning_attn` (fla.ops.lightning_attn, unchanged from fla 0.3 on), shape (H,):
     log lambda_h = -(8 / H) (1 - layer_idx / L) h for h = 0..H-1, linear in h, head 0 undecayed. Computed as fla
     computes it (the coefficient in Python floats, times h in `dtype`), so fp32 values equal fla's exactly.
 

@@ -93,7 +93,7 @@ def test_validated_decay_is_reused_but_not_after_an_in_place_change():
 
 
 def _fla_lightning_source(heads, layer, layers, dtype):
-    """fla.ops.lightning_attn.chunk_lightning_attn (0.3 to 0.6): g_gamma = -(8 / H * (1 - layer_idx / num_layers))
+    """fla.ops.lightning_attn.chunk_lightning_attn (fla 0.3 on): g_gamma = -(8 / H * (1 - layer_idx / num_layers))
     * q.new_tensor(range(H), dtype=torch.float), here in `dtype`."""
     return -(8 / heads * (1 - layer / layers)) * torch.tensor(range(heads), dtype=dtype)
 

@@ -217,11 +217,13 @@ def _check_shape(name: str, x, shape: tuple[int, ...], what: str) -> None:
 
 
 def _state_from_v_first(state, heads: int, dk: int, dv: int) -> torch.Tensor:
-    """An initial_state in fla's state_v_first layout (N, H, V, K), as the (N, H, K, V) view leetdecoding takes."""
-    if not isinstance(state, torch.Tensor) or state.ndim != 4 or tuple(state.shape[1:]) != (heads, dv, dk):
-        shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+    """An initial_state in fla's state_v_first layout (N, H, V, K), as the (N, H, K, V) view leetdecoding takes
+    (which refuses anything but a tensor, naming initial_state)."""
+    if not isinstance(state, torch.Tensor):
+        return state
+    if state.ndim != 4 or tuple(state.shape[1:]) != (heads, dv, dk):
         expected = f"(N, H, V, K) = (N, {heads}, {dv}, {dk})"
-        raise ValueError(f"initial_state must be {expected} with state_v_first; got {shape}.")
+        raise ValueError(f"initial_state must be {expected} with state_v_first; got {tuple(state.shape)}.")
     return state.transpose(-1, -2)
 
 
