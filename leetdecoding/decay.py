@@ -29,7 +29,9 @@ __all__ = [
     "minimax_rates",
     "minimax",
     "retnet",
+    "transnormer",
     "lightning",
+    "fla_lightning",
 ]
 
 
@@ -291,18 +293,24 @@ def minimax(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
     return -minimax_rates(num_heads, layer_idx, num_layers)
 
 
-def retnet(num_heads: int) -> torch.Tensor:
-    """log lambda for RetNet's gammas 1 - 2^(-5-h), h = 0..H-1 (computed with log1p, exact near 1), (H,) fp32.
+def retnet(num_heads: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log lambda for RetNet's gammas 1 - 2^(-5-h), h = 0..H-1 (computed with log1p, exact near 1), shape (H,).
+
+    The same gammas as fla's `chunk_retention` (log(1 - 2^(-5-h)), which fla forms in fp32: there 1 - 2^(-5-h)
+    rounds to 1, no decay, from h = 20 on; here every head keeps its decay). `dtype`: fp32, or fp64 for fp64 inputs.
 
     Raises:
         ValueError: num_heads is not a positive int.
     """
     h = torch.arange(_check_heads(num_heads), dtype=torch.float64)
-    return torch.log1p(-(2.0 ** (-5.0 - h))).to(torch.float32)
+    return torch.log1p(-(2.0 ** (-5.0 - h))).to(dtype)
 
 
-def lightning(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
-    """log lambda of TransNormerLLM / fla's lightning attention: -slope * (1 - layer_idx / (L - 1) + 1e-5).
+def transnormer(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """log lambda of TransNormerLLM's (OpenNLPLab) lightning attention layer `layer_idx` of `num_layers`, (H,) fp32:
+    -slope_h * (1 - layer_idx / (L - 1) + 1e-5) with the ALiBi-style slopes (`alibi_slopes`), as its
+    `TransnormerModel.forward` scales `_build_slope_tensor` per layer (and vLLM / SGLang's MiniMax-Text-01 backends).
+    Not fla's `chunk_lightning_attn`, whose decays are linear in h: see `fla_lightning`.
 
     With one layer (L = 1, where the source formula divides by zero) the factor is 1 + 1e-5.
 
@@ -312,3 +320,21 @@ def lightning(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
     _check_layer(layer_idx, num_layers)
     factor = 1 + 1e-5 if num_layers == 1 else 1 - layer_idx / (num_layers - 1) + 1e-5
     return -alibi_slopes(num_heads) * factor
+
+
+lightning = transnormer  # the earlier name of TransNormerLLM's convention, kept for existing callers
+
+
+def fla_lightning(
+    num_heads: int, layer_idx: int, num_layers: int, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """log lambda of fla's `chunk_lightning_attn` (fla.ops.lightning_attn, unchanged from fla 0.3 on), shape (H,):
+    log lambda_h = -(8 / H) (1 - layer_idx / L) h for h = 0..H-1, linear in h, head 0 undecayed. Computed as fla
+    computes it (the coefficient in Python floats, times h in `dtype`), so fp32 values equal fla's exactly.
+
+    Raises:
+        ValueError: num_heads or num_layers not a positive int, layer_idx outside [0, num_layers).
+    """
+    h = _check_heads(num_heads)
+    _check_layer(layer_idx, num_layers)
+    return -(8 / h * (1 - layer_idx / num_layers)) * torch.arange(h, dtype=dtype)

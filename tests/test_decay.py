@@ -90,3 +90,46 @@ def test_validated_decay_is_reused_but_not_after_an_in_place_change():
     b = decay.canonical_log_decay(lam, None, 2, torch.device("cpu"), torch.float32)
     assert b.tolist() == pytest.approx([math.log(0.125), math.log(0.25)])
     assert torch.equal(first, -rates)
+
+
+def _fla_lightning_source(heads, layer, layers, dtype):
+    """fla.ops.lightning_attn.chunk_lightning_attn (fla 0.3 on): g_gamma = -(8 / H * (1 - layer_idx / num_layers))
+    * q.new_tensor(range(H), dtype=torch.float), here in `dtype`."""
+    return -(8 / heads * (1 - layer / layers)) * torch.tensor(range(heads), dtype=dtype)
+
+
+@pytest.mark.parametrize("heads,layer,layers", [(8, 0, 12), (8, 11, 12), (6, 1, 2), (4, 0, 1), (64, 40, 80)])
+def test_fla_lightning_matches_fla_formula(heads, layer, layers):
+    for dtype in (torch.float32, torch.float64):
+        got = decay.fla_lightning(heads, layer, layers, dtype=dtype)
+        assert got.dtype == dtype and torch.equal(got, _fla_lightning_source(heads, layer, layers, dtype))
+    # linear in h, head 0 undecayed: a different convention from TransNormerLLM's
+    exact = [-(8 / heads) * (1 - layer / layers) * h for h in range(heads)]
+    assert torch.allclose(decay.fla_lightning(heads, layer, layers, dtype=torch.float64),
+                          torch.tensor(exact, dtype=torch.float64), rtol=1e-15, atol=0)  # fmt: skip
+    assert decay.fla_lightning(heads, layer, layers)[0].item() == 0.0
+    assert not torch.allclose(decay.fla_lightning(heads, layer, layers), decay.transnormer(heads, layer, layers))
+
+
+def test_transnormer_matches_transnormerllm_source():
+    """TransnormerModel.forward: slope_rate = _build_slope_tensor(H) * (1 - idx / (num_layers - 1) + 1e-5), in fp32;
+    for 8 heads the slopes are 2^-(h+1). `lightning` is the earlier name of the same convention."""
+    assert decay.lightning is decay.transnormer
+    for layer in (0, 3, 23):
+        factor = 1 - layer / 23 + 1e-5
+        slopes = torch.tensor([2.0 ** -(h + 1) for h in range(8)], dtype=torch.float32)
+        assert torch.equal(decay.transnormer(8, layer, 24), -(slopes * factor))
+
+
+def test_retnet_is_fla_retention_gammas():
+    """fla.ops.retention.chunk_retention: g_gamma = log(1 - 2^(-5 - h)), formed in fp32. In fp64 the converter gives
+    the formula's values; in fp32 it agrees with fla's fp32 expression to one rounding while 1 - 2^(-5-h) is an fp32
+    number (h < 20), and keeps a decay where fla's rounds to 1 (h >= 20)."""
+    h = torch.arange(32, dtype=torch.float64)
+    exact = torch.log(1 - 2.0 ** (-5.0 - h))
+    got = decay.retnet(32, dtype=torch.float64)
+    assert got.dtype == torch.float64 and torch.allclose(got, exact, rtol=1e-15, atol=0)
+    hf = torch.arange(32, dtype=torch.float32)
+    fla32 = (1 - torch.tensor(2.0).pow(-5.0 - hf)).log()
+    assert torch.allclose(decay.retnet(32)[:20], fla32[:20], rtol=2.0**-23, atol=0)
+    assert bool((fla32[20:] == 0).all()) and bool((decay.retnet(32)[20:] < 0).all())
