@@ -191,6 +191,8 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
     if wrong:
         raise UsageError(f"--methods {','.join(wrong)}: not {args.mode} methods; known: {', '.join(registry)}")
 
+    if args.per_token and args.mode == "decode":
+        raise UsageError("--per-token: the decode mode times steps with a decay per head; use forward or backward")
     log_decay = None  # the sweep's default: MiniMax layer 0 of 12
     if args.decay is not None:
         if len(args.decay) not in (1, args.heads):
@@ -215,6 +217,7 @@ def _sweep_config(args: argparse.Namespace) -> SweepConfig:
         log_decay=log_decay,
         mode=args.mode,
         max_rounds=args.max_rounds,
+        per_token=args.per_token,
     )
 
 
@@ -315,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--time-budget", type=_positive(float), default=10.0,
                    help="seconds per case, re-measurements included; a case predicted to take longer is skipped")
     b.add_argument("--decay", type=_float_list, help="lambda per head, comma list (default: MiniMax 0 of 12)")
+    b.add_argument("--per-token", action="store_true",
+                   help="a decay per token: each head's lambda times a seeded factor in [0.5, 1] per token")
     b.add_argument("--out", default="bench-results", help="folder for results.csv/json, plot, history.csv")
     b.add_argument("--csv", help="results CSV (default: OUT/results.csv)")
     b.add_argument("--json", help="results JSON (default: OUT/results.json)")

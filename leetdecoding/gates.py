@@ -57,33 +57,51 @@ def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, devic
 class Sums:
     """The exponents of a block of tokens (..., n): G_t = sum of the ordinary log decays up to t (fp64, resets
     left out) and the number of resets up to t. A factor between s <= t is exp(G_t - G_s) when no reset lies in
-    (s, t], else 0."""
+    (s, t], else 0. `causal` is the (n, n) lower-triangular mask (made once per call); `resets` says whether the
+    call holds any reset at all (without one, the reset masks are skipped)."""
 
-    def __init__(self, g: torch.Tensor):
-        reset = g < RESET
-        self.G = torch.cumsum(torch.where(reset, 0.0, g.to(torch.float64)), dim=-1)
-        self.resets = torch.cumsum(reset.to(torch.int32), dim=-1)
+    def __init__(self, g: torch.Tensor, causal: torch.Tensor, resets: bool = True):
+        self.causal = causal
+        if resets:
+            reset = g < RESET
+            self.G = torch.cumsum(torch.where(reset, 0.0, g.to(torch.float64)), dim=-1)
+            self.resets = torch.cumsum(reset.to(torch.int32), dim=-1)
+        else:
+            self.G = torch.cumsum(g.to(torch.float64), dim=-1)
+            self.resets = None
 
     def within(self, dtype: torch.dtype) -> torch.Tensor:
         """exp(G_t - G_s) for s <= t with no reset in (s, t], else 0: (..., n, n)."""
-        n = self.G.shape[-1]
-        keep = torch.ones(n, n, dtype=torch.bool, device=self.G.device).tril()
-        keep = keep & (self.resets.unsqueeze(-1) == self.resets.unsqueeze(-2))
+        keep = self.causal
+        if self.resets is not None:
+            keep = keep & (self.resets.unsqueeze(-1) == self.resets.unsqueeze(-2))
         return _exp_where(self.G.unsqueeze(-1) - self.G.unsqueeze(-2), keep, dtype)
 
     def from_start(self, dtype: torch.dtype) -> torch.Tensor:
         """The factor from the block's start state to token t (lambda_0 ... lambda_t): (..., n)."""
-        return _exp_where(self.G, self.resets == 0, dtype)
+        return _exp_where(self.G, None if self.resets is None else self.resets == 0, dtype)
 
     def to_end(self, dtype: torch.dtype) -> torch.Tensor:
         """The factor from token s to the block's end (lambda_{s+1} ... lambda_last): (..., n)."""
-        return _exp_where(self.G[..., -1:] - self.G, self.resets == self.resets[..., -1:], dtype)
+        keep = None if self.resets is None else self.resets == self.resets[..., -1:]
+        return _exp_where(self.G[..., -1:] - self.G, keep, dtype)
 
     def whole(self, dtype: torch.dtype) -> torch.Tensor:
         """The factor across the whole block: (..., 1)."""
         return self.from_start(dtype)[..., -1:]
 
 
-def _exp_where(exponent: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """exp(exponent) where keep, else exactly 0 (a gradient of 0 there too), in `dtype`."""
-    return torch.exp(exponent.masked_fill(~keep, float("-inf"))).to(dtype)
+def causal_mask(n: int, device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def has_resets(g: torch.Tensor) -> bool:
+    """Whether any log decay of the call is a reset (one read of the values per call)."""
+    return bool((g < RESET).any())
+
+
+def _exp_where(exponent: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """exp(exponent) where keep (everywhere for None), else exactly 0 (a gradient of 0 there too), in `dtype`."""
+    if keep is not None:
+        exponent = exponent.masked_fill(~keep, float("-inf"))
+    return torch.exp(exponent).to(dtype)

@@ -46,6 +46,7 @@ class SweepConfig:
     seed: int = 0
     mode: str = "forward"  # one of MODES
     max_rounds: int = 3  # measurements of a noisy case, the first included
+    per_token: bool = False  # a decay per token (leetdecoding.gates): each head's, times a seeded factor per token
 
     def resolved_log_decay(self) -> torch.Tensor:
         if self.log_decay is not None:
@@ -82,7 +83,11 @@ def make_inputs(cfg: SweepConfig, n: int, batch: int, grad: bool = False) -> Att
         return t.to(cfg.dtype).requires_grad_(grad)
 
     q, k, v = randn(cfg.dk), randn(cfg.dk), randn(cfg.dv)
-    return validate(q, k, v, None, cfg.resolved_log_decay())
+    log_decay = cfg.resolved_log_decay()
+    if cfg.per_token:  # log(lambda_h * u), u uniform in [0.5, 1]
+        u = torch.rand(batch, cfg.heads, n, generator=g, device=cfg.device, dtype=torch.float64)
+        log_decay = (log_decay.to(cfg.device, torch.float64).view(1, -1, 1) + torch.log(0.5 + 0.5 * u)).float()
+    return validate(q, k, v, None, log_decay)
 
 
 def auto_pick(x: AttentionInputs) -> str:

@@ -9,7 +9,7 @@ import torch
 
 import leetdecoding as ld
 
-from ..inputs import compute_dtype_for, validate
+from ..inputs import compute_dtype_for, dtype_name, validate
 from ..methods import REGISTRY, Method
 from ..methods.naive import TOLERANCE, Reference, reference, relative_error
 
@@ -24,6 +24,16 @@ SCALE = 0.125
 def decays() -> torch.Tensor:
     """The per-head decays in fp64, so that fp64 runs see exactly the reference's values."""
     return torch.tensor(DECAYS, dtype=torch.float64)
+
+
+def token_decays(n: int) -> torch.Tensor:
+    """Per-token decays (BATCH, H, n) in fp64: each head's decay times a seeded factor in [0.5, 1] per token, and a
+    reset (0) at token n // 2 of the first sequence."""
+    g = torch.Generator().manual_seed(2000 + n)
+    lam = decays().view(1, -1, 1) * (0.5 + 0.5 * torch.rand(BATCH, len(DECAYS), n, generator=g, dtype=torch.float64))
+    if n > 1:
+        lam[0, :, n // 2] = 0.0
+    return lam
 
 
 @dataclass
@@ -41,29 +51,28 @@ class Case:
     k: torch.Tensor
     v: torch.Tensor
     initial_state: torch.Tensor
+    decay: torch.Tensor
     ref: Reference
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 @functools.cache
-def _case(n: int, dtype: torch.dtype, device: str) -> Case:
-    """Seeded inputs in `dtype` on `device`, and the fp64 reference computed from exactly those values."""
+def _case(n: int, dtype: torch.dtype, device: str, per_token: bool = False) -> Case:
+    """Seeded inputs in `dtype` on `device` (a decay per head, or per token), and the fp64 reference computed from
+    exactly those values."""
     g = torch.Generator().manual_seed(1000 + n)
     h = len(DECAYS)
     q, k = (torch.randn(BATCH, h, n, DK, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
     v = torch.randn(BATCH, h, n, DV, generator=g, dtype=torch.float64).to(dtype)
     s0 = torch.randn(BATCH, h, DK, DV, generator=g, dtype=torch.float64).to(compute_dtype_for(dtype))
-    ref = reference(q, k, v, decays(), s0, SCALE)
+    decay = token_decays(n) if per_token else decays()
+    ref = reference(q, k, v, decay, s0, SCALE)
     q, k, v, s0 = (t.to(device) for t in (q, k, v, s0))
-    return Case(q, k, v, s0, ref)
+    return Case(q, k, v, s0, decay, ref)
 
 
-def _refusal(method: Method, dtype: torch.dtype, device: str) -> list[str]:
-    c = _case(1, dtype, device)
-    x = validate(c.q, c.k, c.v, decays(), None, SCALE, c.initial_state, True)
+def _refusal(method: Method, dtype: torch.dtype, device: str, per_token: bool) -> list[str]:
+    c = _case(1, dtype, device, per_token)
+    x = validate(c.q, c.k, c.v, c.decay, None, SCALE, c.initial_state, True)
     return method.not_supported_reasons(x)
 
 
@@ -72,19 +81,20 @@ def tolerances(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCE[dtype], TOLERANCE[compute_dtype_for(dtype)]
 
 
-def check_method(method: Method, dtype: torch.dtype, device: str, lengths=LENGTHS) -> CheckResult:
-    """Run `method` in `dtype` on every length; the worst output or state error decides PASS or FAIL."""
-    name = dtype_name(dtype)
-    reasons = _refusal(method, dtype, device)
+def check_method(method: Method, dtype: torch.dtype, device: str, lengths=LENGTHS, per_token=False) -> CheckResult:
+    """Run `method` in `dtype` on every length (with a decay per token: `per_token`); the worst output or state
+    error decides PASS or FAIL."""
+    name = dtype_name(dtype) + (" per-token" if per_token else "")
+    reasons = _refusal(method, dtype, device, per_token)
     if reasons:
         return CheckResult(method.name, name, "SKIP", None, "; ".join(reasons))
     tol_o, tol_s = tolerances(dtype)
     worst, where = 0.0, ""
     for n in lengths:
-        c = _case(n, dtype, device)
+        c = _case(n, dtype, device, per_token)
         try:
             o, state = ld.attention(
-                c.q, c.k, c.v, decays(), method=method.name, scale=SCALE,
+                c.q, c.k, c.v, c.decay, method=method.name, scale=SCALE,
                 initial_state=c.initial_state, output_final_state=True,
             )
         except ld.MethodRefusedError as e:
@@ -110,4 +120,6 @@ def run_check(
     """Check each method (default: all registered) in every dtype it declares."""
     lengths = QUICK_LENGTHS if quick else LENGTHS
     names = methods if methods is not None else list(REGISTRY)
-    return [check_method(REGISTRY[n], d, device, lengths) for n in names for d in REGISTRY[n].dtypes]
+    per_token = [(n, d, True) for n in names if REGISTRY[n].per_token_decay for d in REGISTRY[n].dtypes]
+    cases = [(n, d, False) for n in names for d in REGISTRY[n].dtypes] + per_token
+    return [check_method(REGISTRY[n], d, device, lengths, p) for n, d, p in cases]

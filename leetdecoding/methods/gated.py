@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from ..amp import backward_without_autocast
-from ..gates import Sums
+from ..gates import Sums, causal_mask, has_resets
 from ..inputs import AttentionInputs
 from .autograd import PlainAutogradFence, refuse_double_backward
+from .base import output_buffer
 
 
 def _initial(x: AttentionInputs, dtype: torch.dtype) -> torch.Tensor:
@@ -29,31 +30,56 @@ def _initial(x: AttentionInputs, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(x.batch, x.heads, x.dk, x.dv, dtype=dtype, device=x.device)
 
 
-def block(q, k, v, g, state):
-    """One block of tokens in the compute dtype: (o (B, H, n, Dv) unscaled, the state after it)."""
-    sums, cd = Sums(g), q.dtype
+def block(q, k, v, sums: Sums, state):
+    """One block of tokens in the compute dtype, differentiable: (o (B, H, n, Dv) unscaled, the state after it)."""
+    cd = q.dtype
     o = ((q @ k.transpose(-1, -2)) * sums.within(cd)) @ v + (q * sums.from_start(cd).unsqueeze(-1)) @ state
     decayed_k = k * sums.to_end(cd).unsqueeze(-1)
     state = sums.whole(cd).unsqueeze(-1) * state + decayed_k.transpose(-1, -2) @ v
     return o, state
 
 
+def _block_in_place(q, k, v, sums: Sums, state):
+    """`block` without gradients, each product fused with its sum and written over its own temporaries, on
+    (B*H, n, D) views; the state is updated in place."""
+    cd, (B, H, n, Dk), Dv = q.dtype, q.shape, v.shape[-1]
+    q3, k3, v3 = q.reshape(B * H, n, Dk), k.reshape(B * H, n, Dk), v.reshape(B * H, n, Dv)
+    s3 = state.view(B * H, Dk, Dv)
+    scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(sums.within(cd).view(B * H, n, n))
+    o = torch.bmm(q3 * sums.from_start(cd).view(B * H, n, 1), s3).baddbmm_(scores, v3)
+    decayed_k = k3 * sums.to_end(cd).view(B * H, n, 1)
+    s3.mul_(sums.whole(cd).view(B * H, 1, 1)).baddbmm_(decayed_k.transpose(1, 2), v3)
+    return o.view(B, H, n, Dv)
+
+
 def forward_blocks(x: AttentionInputs, size: int):
     """(o in the input dtype, final state) of the blocks of `size` tokens in turn (size >= N: one block),
     differentiable by autograd inside one node."""
-    cd = x.compute_dtype
+    cd, n = x.compute_dtype, x.seq_len
+    causal, resets = causal_mask(min(size, max(n, 1)), x.device), has_resets(x.log_decay)
+
+    def sums(g: torch.Tensor) -> Sums:
+        return Sums(g, causal[: g.shape[-1], : g.shape[-1]], resets)
 
     def run(q, k, v, g, s0):
         state, parts = s0, []
-        for start in range(0, x.seq_len, size):
-            part = slice(start, min(x.seq_len, start + size))
-            o, state = block(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), g[..., part], state)
+        for start in range(0, n, size):
+            part = slice(start, min(n, start + size))
+            o, state = block(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), sums(g[..., part]),
+                             state)  # fmt: skip
             parts.append(o)
         o = torch.cat(parts, dim=2) if parts else x.q.new_zeros(x.batch, x.heads, 0, x.dv, dtype=cd)
         return (o * x.scale if x.scale != 1.0 else o).to(x.dtype), state.clone() if not parts else state
 
-    inputs = (x.q, x.k, x.v, x.log_decay, _initial(x, cd))
-    return PlainAutogradFence.apply(run, *inputs) if x.requires_grad else run(*inputs)
+    if x.requires_grad:
+        return PlainAutogradFence.apply(run, x.q, x.k, x.v, x.log_decay, _initial(x, cd))
+    out, state = output_buffer(x.q, x.dv), _initial(x, cd).clone(memory_format=torch.contiguous_format)
+    for start in range(0, n, size):
+        part = slice(start, min(n, start + size))
+        o = _block_in_place(x.q[:, :, part].to(cd), x.k[:, :, part].to(cd), x.v[:, :, part].to(cd),
+                            sums(x.log_decay[..., part]), state)  # fmt: skip
+        out[:, :, part] = o.mul_(x.scale) if x.scale != 1.0 else o
+    return out, state
 
 
 # ----- the recurrence, with its own backward -----
