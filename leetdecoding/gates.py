@@ -43,8 +43,9 @@ def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, devic
     t = _decay._as_float_tensor(name, decay if decay is not None else log_decay)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(
-            f"a per-token {name} must have shape {tuple(shape)} {layout} (one value per head and token); got "
-            f"{tuple(t.shape)}. Hint: from fla's (B, T, H) gates g pass g.transpose(1, 2)."
+            f"{name} must be a float, a tensor of shape ({shape[1]},) (one value per head) or a per-token one of "
+            f"shape {tuple(shape)} {layout}; got shape {tuple(t.shape)}. Hint: MiniMax's slope buffer is (H, 1, 1): "
+            "pass slope.reshape(-1); fla's (B, T, H) gates g: pass g.transpose(1, 2)."
         )
     bad = torch.isnan(t) | ((t < 0) | (t > 1) if decay is not None else t > 0)
     if bool(bad.any()):

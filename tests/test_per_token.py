@@ -141,7 +141,7 @@ def test_bad_per_token_decays_name_the_argument():
         ld.attention(q, k, v, log_decay=log_decay.index_fill(2, torch.tensor([3]), float("nan")))
     with pytest.raises(ValueError, match=r"per-token decay must be in \[0, 1\]"):
         ld.attention(q, k, v, decay=torch.full((2, H, 20), 1.5))
-    shape = r"per-token log_decay must have shape \(2, 3, 20\) \(B, H, N\).*got \(2, 20, 3\)"
+    shape = r"log_decay must be .*per-token one of shape \(2, 3, 20\) \(B, H, N\); got shape \(2, 20, 3\)"
     with pytest.raises(ValueError, match=shape):
         ld.attention(q, k, v, log_decay=log_decay.transpose(1, 2).contiguous())
     with pytest.raises(ld.MethodRefusedError, match=r"'fleet' cannot run .*per-token decay.*no per-token decay"):
@@ -163,7 +163,8 @@ def test_decode_steps_with_their_own_decay_continue_a_prefill():
     assert_close("decode state", state, ref.state, ref.state_abs, torch.float32)
     e = ld.explain_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, log_decay=log_decay[:, :, 0])
     assert e.method == "recurrent_step" and "no per-token decay" in "; ".join(e.refusals["triton_step"])
-    with pytest.raises(ValueError, match=r"per-token log_decay must have shape \(2, 3\) \(B, H\) for a decode step"):
+    wrong = r"per-token one of shape \(2, 3\) \(B, H\) for a decode step; got shape \(1, 3\)"
+    with pytest.raises(ValueError, match=wrong):
         ld.decode_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, log_decay=log_decay[:1, :, 0])
 
 
