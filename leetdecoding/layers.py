@@ -8,6 +8,9 @@ the same way is here, once:
     o, state = attend(q, k, v, state, log_decay=log_decay, keep_state=True)   # o (B, N, H * D)
     y = gated_output(o, x, norm, output_gate, out_proj)
 
+A gated layer (fla's SimpleGLA convention) replaces the per-head decay by one per token and head:
+`log_decay = gate_log_decay(gk_proj(x), normaliser, attention_mask)` (B, H, N), which `attend` takes as it is.
+
 `attend` picks the path from the cached state: a prefill (no state) and a continuation (a state, several tokens) go
 through `leetdecoding.attention`, one token after a state through `leetdecoding.decode_step`; both choose their
 method through the dispatcher, so a caller learns which one ran with `leetdecoding.record_choices()`.
@@ -18,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .api import attention, decode_step
-from .inputs import check_state_dtype
+from .inputs import check_state_dtype, compute_dtype_for
 
 
 def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,6 +61,19 @@ def split_heads(
     return q, k, v
 
 
+def gate_log_decay(logits: torch.Tensor, normaliser: float, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token log decays (B, H, N) from gate logits (B, N, H): logsigmoid(logits) / normaliser, fla's gated
+    layers' convention (`gate_logit_normalizer`), in the state dtype (fp32, fp64 for fp64 logits) so that a
+    half-precision model's decays keep fp32 digits. Every value is <= 0; a normaliser > 1 keeps lambda near 1.
+
+    attention_mask (B, N) of 0/1: a padded token gets log decay 0 (lambda = 1), so that with its k, v zeroed it
+    leaves the state exactly as it was (and a NaN in its hidden state never reaches the decay)."""
+    g = F.logsigmoid(logits.to(compute_dtype_for(logits.dtype))) / normaliser
+    if attention_mask is not None:
+        g = zero_padding(g, attention_mask[:, :, None])
+    return g.transpose(1, 2)  # a (B, H, N) view: the methods take strided decays
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -67,7 +84,7 @@ def attend(
     v: torch.Tensor,
     state: torch.Tensor | None,
     *,
-    log_decay: torch.Tensor,
+    log_decay: torch.Tensor,  # (H,) per head, or (B, H, N) per token (see gate_log_decay)
     scale: float = 1.0,
     method: str | Sequence[str] = "auto",
     keep_state: bool = True,
@@ -76,9 +93,10 @@ def attend(
     """Attention of q, k (B, H, N, Dk), v (B, H, N, Dv) after `state` (None: from zeros). Returns o (B, N, H * Dv)
     in the input dtype and the new state (None when `keep_state` is False and no state was given).
 
-    One token after a state is a decode step (`decode_step`, its own methods chosen by the dispatcher); the state
-    is updated in place when no gradient is needed, so a cache holds one buffer per layer. Anything else is
-    `attention` with `method` (a prefill, or several new tokens continuing from the state).
+    One token after a state is a decode step (`decode_step`, its own methods chosen by the dispatcher, with the
+    token's own (B, H) decay when the decay is per token); the state is updated in place when no gradient is
+    needed, so a cache holds one buffer per layer. Anything else is `attention` with `method` (a prefill, or
+    several new tokens continuing from the state).
 
     Raises:
         TypeError: `state` is not in the state dtype (fp32, fp64 for fp64 inputs); `state_name` names it. Never cast:
@@ -90,6 +108,8 @@ def attend(
         check_state_dtype(state_name, state, q.dtype)
     if state is not None and n == 1:
         in_place = not _needs_grad(q, k, v, state, log_decay)
+        if log_decay.ndim == 3:  # per token: the decay of this step's one token
+            log_decay = log_decay[:, :, 0]
         o, state = decode_step(
             q[:, :, 0],
             k[:, :, 0],

@@ -8,6 +8,8 @@ out_proj), so such a layer's weights load directly:
     cache = LinearAttentionCache()
     y = layer(prompt, cache=cache)                          # prefill: the state goes into the cache
     y = layer(next_token, cache=cache)                      # decode: continues from it
+
+`decay_gate=True` gives a data-dependent decay per head and token instead (fla's gated layers' convention).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decay as _decay
-from .layers import attend, gated_output, split_heads, zero_padding  # noqa: F401 (zero_padding: its old home)
+from .layers import attend, gate_log_decay, gated_output, split_heads, zero_padding  # noqa: F401 (zero_padding: its old home)
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -88,8 +90,16 @@ class DecayingLinearAttention(nn.Module):
     of `leetdecoding.decay` gives a valid `log_decay`; `learnable_decay=True` makes it a parameter. `activate_v=True`
     applies the activation to v as MiniMax does; False applies it to q and k only.
 
+    Data-dependent decay (`decay_gate=True`, fla's SimpleGLA convention): the decay is computed from the input,
+    one value per head and token, log lambda_t = logsigmoid(gk_proj(x_t)) / gate_logit_normalizer, with
+    `gk_proj` = Linear(hidden_size, num_heads, bias=True) (fla's name and shape) in place of the per-head decay:
+    such a layer has no `log_decay` (None) and takes no `log_decay` / `learnable_decay`. A larger normaliser keeps
+    lambda nearer 1 (fla's default 16: lambda = 2^(-1/16) ~ 0.958 at a zero logit). It is not the output
+    gate `use_gate` (sigmoid(output_gate(x)) on the attention's output), which works as before with either decay.
+
     Raises:
-        ValueError: an unknown `activation`, or a `log_decay` > 0 or not of shape (num_heads,).
+        ValueError: an unknown `activation`, a `log_decay` > 0 or not of shape (num_heads,), `log_decay` or
+            `learnable_decay` with `decay_gate`, a `gate_logit_normalizer` that is not a positive finite number.
     """
 
     def __init__(
@@ -109,6 +119,8 @@ class DecayingLinearAttention(nn.Module):
         scale: float = 1.0,
         norm_eps: float = 1e-6,
         learnable_decay: bool = False,
+        decay_gate: bool = False,
+        gate_logit_normalizer: float = 16.0,
         method: str = "auto",
         device=None,
         dtype=None,
@@ -130,14 +142,26 @@ class DecayingLinearAttention(nn.Module):
         self.output_gate = nn.Linear(hidden_size, inner, bias=bias, **kw) if use_gate else None
         self.norm = nn.RMSNorm(inner, eps=norm_eps, **kw) if use_norm else None
         self.out_proj = nn.Linear(inner, hidden_size, bias=bias, **kw)
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.gk_proj = None
+        if decay_gate:
+            _check_gate_arguments(log_decay, learnable_decay, gate_logit_normalizer)
+            self.gk_proj = nn.Linear(hidden_size, num_heads, bias=True, **kw)
+            self.register_buffer("log_decay", None)  # the decay comes from gk_proj
+        else:
+            self._init_head_decay(log_decay, layer_idx, num_layers, learnable_decay, device)
+        self._register_load_state_dict_pre_hook(_from_minimax_buffers, with_module=True)
+
+    def _init_head_decay(self, log_decay, layer_idx, num_layers, learnable_decay, device) -> None:
+        """The per-head decay: the buffer (or parameter) `log_decay` (H,), MiniMax's slopes by default."""
         if log_decay is None:
-            log_decay = _decay.minimax(num_heads, layer_idx, num_layers)
-        log_decay = _decay.canonical_log_decay(None, log_decay, num_heads, torch.device(device or "cpu"), torch.float32)
+            log_decay = _decay.minimax(self.num_heads, layer_idx, num_layers)
+        device = torch.device(device or "cpu")
+        log_decay = _decay.canonical_log_decay(None, log_decay, self.num_heads, device, torch.float32)
         if learnable_decay:  # trained in log space; clamped to <= 0 where it is used
             self.log_decay = nn.Parameter(log_decay.clone())
         else:
             self.register_buffer("log_decay", log_decay.clone())
-        self._register_load_state_dict_pre_hook(_from_minimax_buffers, with_module=True)
 
     def forward(
         self,
@@ -147,7 +171,8 @@ class DecayingLinearAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden_states (B, N, hidden). With a cache: continue from its state for this layer (or start one) and
         store the new state; one token after a cached state is a `decode_step` that updates the state in place
-        when no gradient is needed. attention_mask (B, N) of 0/1 zeroes padded tokens' q, k, v as MiniMax does.
+        when no gradient is needed (with `decay_gate`, the token's own decay). attention_mask (B, N) of 0/1 zeroes
+        padded tokens' q, k, v as MiniMax does (and gives them no decay with `decay_gate`).
         The core is `leetdecoding.layers`; `leetdecoding.record_choices()` around a call tells the methods used.
 
         Raises:
@@ -162,13 +187,12 @@ class DecayingLinearAttention(nn.Module):
             activate_v=self.activate_v,
             attention_mask=attention_mask,
         )
-        log_decay = self.log_decay.clamp(max=0.0) if self.log_decay.requires_grad else self.log_decay
         o, state = attend(
             q,
             k,
             v,
             cache.get(self.layer_idx) if cache is not None else None,
-            log_decay=log_decay,
+            log_decay=self._log_decay(hidden_states, attention_mask),
             scale=self.scale,
             method=self.method,
             keep_state=cache is not None,
@@ -179,12 +203,30 @@ class DecayingLinearAttention(nn.Module):
         norm = self._norm if self.norm is not None else None
         return gated_output(o, hidden_states, norm, self.output_gate, self.out_proj)
 
+    def _log_decay(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(H,) per head, or (B, H, N) per token from the decay gate."""
+        if self.gk_proj is not None:
+            return gate_log_decay(self.gk_proj(hidden_states), self.gate_logit_normalizer, attention_mask)
+        return self.log_decay.clamp(max=0.0) if self.log_decay.requires_grad else self.log_decay
+
     def _norm(self, o: torch.Tensor) -> torch.Tensor:
         """self.norm, computed in fp32 for half-precision models as MiniMax does."""
         if o.element_size() >= 4:
             return self.norm(o)
         w = self.norm.weight.float()
         return F.rms_norm(o.float(), self.norm.normalized_shape, w, self.norm.eps).to(o.dtype)
+
+
+def _check_gate_arguments(log_decay, learnable_decay: bool, normaliser) -> None:
+    """A gated layer has no per-head decay to give or learn, and a normaliser that divides a log decay."""
+    if log_decay is not None or learnable_decay:
+        name = "log_decay" if log_decay is not None else "learnable_decay"
+        raise ValueError(
+            f"{name} sets a per-head decay, which a layer with decay_gate=True does not have (its decay comes from "
+            "gk_proj); drop one of them."
+        )
+    if isinstance(normaliser, bool) or not isinstance(normaliser, (int, float)) or not 0 < normaliser < float("inf"):
+        raise ValueError(f"gate_logit_normalizer must be a positive finite number; got {normaliser!r}.")
 
 
 def _from_minimax_buffers(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
