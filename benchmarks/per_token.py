@@ -37,9 +37,9 @@ def main() -> None:
                 o.sum().backward()
             return o
 
-        same = (run(constant) - run(per_token[..., :n])).abs().max().item()
-        stats = interleaved({"constant": lambda: run(constant), "per-token": lambda: run(per_token[..., :n])},
-                            a.rounds)  # fmt: skip
+        gates = per_token[..., :n]
+        same = (run(constant) - run(gates)).abs().max().item()
+        stats = interleaved({"constant": lambda: run(constant), "per-token": lambda g=gates: run(g)}, a.rounds)
         ratio = stats["per-token"].median / stats["constant"].median
         verdict = "met" if ratio <= TARGET else "NOT met"
         print(f"{method:10s} N={n:6d} constant {stats['constant'].median * 1e3:8.1f} ms  per-token "

@@ -51,7 +51,10 @@ def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, devic
     if bool(bad.any()):
         rule = "in [0, 1] (0 forgets the state)" if decay is not None else "<= 0 (-inf forgets the state)"
         raise ValueError(f"a per-token {name} must be {rule}; got {_decay._describe_bad(t.flatten(), bad.flatten())}.")
-    log = torch.log(t) if decay is not None else t  # t is fp64 here
+    if decay is not None:  # t is fp64 here; a decay of 0 is -inf, with a gradient of 0 rather than inf * 0 = NaN
+        log = torch.where(t > 0, torch.log(t.clamp(min=torch.finfo(t.dtype).tiny)), float("-inf"))
+    else:
+        log = t
     return _decay.finite_log(log.to(device=device, dtype=dtype))
 
 

@@ -175,3 +175,20 @@ def test_zero_tokens_with_a_per_token_decay():
     assert o.shape == (2, H, 0, DV) and torch.equal(state, s0)
     grads = torch.autograd.grad(state.sum(), leaves, allow_unused=True)
     assert grads[1].shape == (2, H, 0) and torch.equal(grads[2], torch.ones_like(s0))
+
+
+def test_a_zero_decay_with_gradients_gives_finite_gradients():
+    q, k, v, log_decay, _ = problem(n=30, dtype=torch.float64)
+    lam = torch.exp(log_decay)
+    lam[:, :, 10] = 0.0
+    leaves = [t.clone().requires_grad_() for t in (q, lam)]
+    o = ld.attention(leaves[0], k, v, decay=leaves[1], method="chunked")
+    dq, dlam = torch.autograd.grad(o.sum(), leaves)
+    assert torch.isfinite(dq).all() and torch.isfinite(dlam).all()
+    # after the reset the outputs are those of the sequence that starts at token 10
+    tail = q[:, :, 10:].clone().requires_grad_()
+    want = torch.autograd.grad(reference_closed_form(tail, k[:, :, 10:], v[:, :, 10:], log_decay[:, :, 10:])[0].sum(),
+                               tail)[0]  # fmt: skip
+    got = torch.autograd.grad(ld.attention(leaves[0], k, v, decay=leaves[1])[:, :, 10:].sum(), leaves[0])[0]
+    assert torch.allclose(got[:, :, 10:], want, atol=1e-10)
+    assert torch.equal(got[:, :, :10], torch.zeros_like(q[:, :, :10]))
