@@ -57,9 +57,9 @@ def test_info_explains_an_unavailable_method(capsys, monkeypatch):
 def test_check_quick_passes_every_method_and_dtype(capsys):
     assert main(["check", "--quick", "--device", "cpu"]) == 0
     rows = [r for r in table_rows(capsys.readouterr().out) if r and r[0] in RUNNABLE_ON_CPU]
-    assert {(r[0], r[1]) for r in rows} == {
-        (n, str(d).replace("torch.", "")) for n, m in REGISTRY.items() for d in m.dtypes if n in RUNNABLE_ON_CPU
-    }
+    per_head = {(n, str(d).replace("torch.", "")) for n, m in REGISTRY.items() for d in m.dtypes}
+    per_token = {(n, f"{d} per-token") for n, d in per_head if REGISTRY[n].per_token_decay}
+    assert {(r[0], r[1]) for r in rows} == {(n, d) for n, d in per_head | per_token if n in RUNNABLE_ON_CPU}
     assert all(r[3] == "PASS" for r in rows), [r for r in rows if r[3] != "PASS"]
     assert all(0 <= float(r[2]) <= 1 for r in rows)
 
