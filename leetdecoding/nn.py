@@ -88,6 +88,10 @@ class DecayingLinearAttention(nn.Module):
     of `leetdecoding.decay` gives a valid `log_decay`; `learnable_decay=True` makes it a parameter. `activate_v=True`
     applies the activation to v as MiniMax does; False applies it to q and k only.
 
+    `group` (a ProcessGroup, a 1-D DeviceMesh; also per call) trains sequence-parallel: each rank passes its slice
+    of the sequence and the attention runs through `leetdecoding.distributed.attention` (exact; see its gradient
+    convention: a learnable decay's gradient is a per-rank partial sum, reduced as for any replicated parameter).
+
     Raises:
         ValueError: an unknown `activation`, or a `log_decay` > 0 or not of shape (num_heads,).
     """
@@ -110,6 +114,7 @@ class DecayingLinearAttention(nn.Module):
         norm_eps: float = 1e-6,
         learnable_decay: bool = False,
         method: str = "auto",
+        group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -124,6 +129,7 @@ class DecayingLinearAttention(nn.Module):
         self.activate_v = activate_v
         self.scale = scale
         self.method = method
+        self.group = group
         inner = self.num_heads * self.head_dim
         kw = {"device": device, "dtype": dtype}
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=bias, **kw)
@@ -144,10 +150,13 @@ class DecayingLinearAttention(nn.Module):
         hidden_states: torch.Tensor,
         cache: LinearAttentionCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        group=None,
     ) -> torch.Tensor:
         """hidden_states (B, N, hidden). With a cache: continue from its state for this layer (or start one) and
         store the new state; one token after a cached state is a `decode_step` that updates the state in place
         when no gradient is needed. attention_mask (B, N) of 0/1 zeroes padded tokens' q, k, v as MiniMax does.
+        `group` (default: the layer's) makes hidden_states this rank's slice of a sequence spread over the group's
+        ranks in order (sequence parallel, without a cache).
         The core is `leetdecoding.layers`; `leetdecoding.record_choices()` around a call tells the methods used.
 
         Raises:
@@ -163,6 +172,11 @@ class DecayingLinearAttention(nn.Module):
             attention_mask=attention_mask,
         )
         log_decay = self.log_decay.clamp(max=0.0) if self.log_decay.requires_grad else self.log_decay
+        group = group if group is not None else self.group
+        if group is not None:
+            norm = self._norm if self.norm is not None else None
+            o = _sequence_parallel(q, k, v, log_decay, self.scale, self.method, group, cache)
+            return gated_output(o, hidden_states, norm, self.output_gate, self.out_proj)
         o, state = attend(
             q,
             k,
@@ -185,6 +199,14 @@ class DecayingLinearAttention(nn.Module):
             return self.norm(o)
         w = self.norm.weight.float()
         return F.rms_norm(o.float(), self.norm.normalized_shape, w, self.norm.eps).to(o.dtype)
+
+
+def _sequence_parallel(q, k, v, log_decay, scale, method, group, cache) -> torch.Tensor:
+    if cache is not None:
+        raise ValueError("cache cannot be used with group (sequence parallel); pass one or the other.")
+    from .distributed import layer_attention  # torch.distributed is imported only where it is used
+
+    return layer_attention(q, k, v, log_decay=log_decay, scale=scale, method=method, group=group)
 
 
 def _from_minimax_buffers(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):

@@ -146,6 +146,32 @@ def _errors(rank: int, world: int) -> list[str]:
     return failures
 
 
+def _layer(rank: int, world: int) -> list[str]:
+    """DecayingLinearAttention(group=...) on each rank's slice: the outputs and, summed over the ranks, the
+    parameters' gradients (the decay's included) of the layer on the whole sequence, in fp64."""
+    from leetdecoding.nn import DecayingLinearAttention
+
+    torch.manual_seed(3)
+    layer = DecayingLinearAttention(16, 2, learnable_decay=True, dtype=torch.float64)
+    x = torch.randn(2, N, 16, dtype=torch.float64)
+    dy = torch.randn(2, N, 16, dtype=torch.float64)
+    a, b = rank * N // world, (rank + 1) * N // world
+    y = layer(x)
+    (y * dy).sum().backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    y_mine = layer(x[:, a:b], group=dist.group.WORLD)
+    (y_mine * dy[:, a:b]).sum().backward()
+    failures = []
+    if not (y_mine - y[:, a:b]).abs().max().item() <= _limit(torch.float64, y):
+        failures.append("layer: outputs differ")
+    for (name, p), g in zip(layer.named_parameters(), want):
+        dist.all_reduce(p.grad)
+        if not (p.grad - g).abs().max().item() <= _limit(p.dtype, g):  # the layer keeps log_decay in fp32
+            failures.append(f"layer: d {name} differs")
+    return failures
+
+
 def _mesh_cases(rank: int, world: int) -> list[str]:
     """A 2-D (data x sequence) DeviceMesh: each data-parallel replica runs its own problem over its sequence group;
     a 2-D mesh passed as the group is refused, naming the argument."""
@@ -174,6 +200,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         for name, kw in _cases(world):
             failures += _check(name, rank, world, **kw)
         failures += _errors(rank, world)
+        failures += _layer(rank, world)
         if world == 4:
             failures += _mesh_cases(rank, world)
     except Exception:  # a crash is a failure to report, not a hang of the other ranks' join

@@ -25,7 +25,7 @@ from ..positions import check_cu_seqlens
 from .comm import all_gather, all_reduce, depend, gather_ints, resolve_group, sum_gradient
 from .layout import Layout, layout
 
-__all__ = ["attention"]
+__all__ = ["attention", "layer_attention"]
 
 
 def attention(
@@ -99,6 +99,14 @@ def attention(
         # same order everywhere, whichever ranks continue a sequence
         final = all_reduce(depend(gathered, _sequence_finals(x, lay, finals, initial_state))[0], group)
     return _results(*depend(gathered, o, final), None)
+
+
+def layer_attention(q, k, v, *, log_decay, scale: float, method, group) -> torch.Tensor:
+    """`DecayingLinearAttention`'s core when it is given a group: this rank's o (B, n_r, H * Dv) from its slice of
+    q, k (B, H, n_r, Dk) and v, as `leetdecoding.layers.attend` lays it out."""
+    b, h, n, dv = v.shape
+    o = attention(q, k, v, log_decay=log_decay, scale=scale, method=method, group=group)
+    return o.transpose(1, 2).reshape(b, n, h * dv)
 
 
 def _layout(x, group, cu_seqlens) -> Layout:
