@@ -97,6 +97,10 @@ class DecayingLinearAttention(nn.Module):
     lambda nearer 1 (fla's default 16: lambda = 2^(-1/16) ~ 0.958 at a zero logit). It is not the output
     gate `use_gate` (sigmoid(output_gate(x)) on the attention's output), which works as before with either decay.
 
+    `group` (a ProcessGroup, a 1-D DeviceMesh; also per call) trains sequence-parallel: each rank passes its slice
+    of the sequence and the attention runs through `leetdecoding.distributed.attention` (exact; see its gradient
+    convention: a learnable decay's gradient is a per-rank partial sum, reduced as for any replicated parameter).
+
     Raises:
         ValueError: an unknown `activation`, a `log_decay` > 0 or not of shape (num_heads,), `log_decay` or
             `learnable_decay` with `decay_gate`, a `gate_logit_normalizer` that is not a positive finite number.
@@ -122,6 +126,7 @@ class DecayingLinearAttention(nn.Module):
         decay_gate: bool = False,
         gate_logit_normalizer: float = 16.0,
         method: str = "auto",
+        group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -136,6 +141,7 @@ class DecayingLinearAttention(nn.Module):
         self.activate_v = activate_v
         self.scale = scale
         self.method = method
+        self.group = group
         inner = self.num_heads * self.head_dim
         kw = {"device": device, "dtype": dtype}
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=bias, **kw)
@@ -168,11 +174,14 @@ class DecayingLinearAttention(nn.Module):
         hidden_states: torch.Tensor,
         cache: LinearAttentionCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        group=None,
     ) -> torch.Tensor:
         """hidden_states (B, N, hidden). With a cache: continue from its state for this layer (or start one) and
         store the new state; one token after a cached state is a `decode_step` that updates the state in place
         when no gradient is needed (with `decay_gate`, the token's own decay). attention_mask (B, N) of 0/1 zeroes
-        padded tokens' q, k, v as MiniMax does (and gives them no decay with `decay_gate`).
+        padded tokens' q, k, v as MiniMax does (and gives them no decay with `decay_gate`). `group` (default: the
+        layer's) makes hidden_states this rank's slice of a sequence spread over the group's ranks in order
+        (sequence parallel, without a cache).
         The core is `leetdecoding.layers`; `leetdecoding.record_choices()` around a call tells the methods used.
 
         Raises:
@@ -187,12 +196,18 @@ class DecayingLinearAttention(nn.Module):
             activate_v=self.activate_v,
             attention_mask=attention_mask,
         )
+        log_decay = self._log_decay(hidden_states, attention_mask)
+        group = group if group is not None else self.group
+        if group is not None:
+            norm = self._norm if self.norm is not None else None
+            o = _sequence_parallel(q, k, v, log_decay, self.scale, self.method, group, cache)
+            return gated_output(o, hidden_states, norm, self.output_gate, self.out_proj)
         o, state = attend(
             q,
             k,
             v,
             cache.get(self.layer_idx) if cache is not None else None,
-            log_decay=self._log_decay(hidden_states, attention_mask),
+            log_decay=log_decay,
             scale=self.scale,
             method=self.method,
             keep_state=cache is not None,
@@ -227,6 +242,14 @@ def _check_gate_arguments(log_decay, learnable_decay: bool, normaliser) -> None:
         )
     if isinstance(normaliser, bool) or not isinstance(normaliser, (int, float)) or not 0 < normaliser < float("inf"):
         raise ValueError(f"gate_logit_normalizer must be a positive finite number; got {normaliser!r}.")
+
+
+def _sequence_parallel(q, k, v, log_decay, scale, method, group, cache) -> torch.Tensor:
+    if cache is not None:
+        raise ValueError("cache cannot be used with group (sequence parallel); pass one or the other.")
+    from .distributed import layer_attention  # torch.distributed is imported only where it is used
+
+    return layer_attention(q, k, v, log_decay=log_decay, scale=scale, method=method, group=group)
 
 
 def _from_minimax_buffers(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
