@@ -22,6 +22,7 @@ import torch
 
 from . import __version__, extras
 from .cli_help import DefaultsParser
+from .inputs import dtype_name
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -169,7 +170,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     results = run_check(device, quick=args.quick)
     console.print(fitted(check_table(results, device), console.width))
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
-    tolerances = ", ".join(f"{str(d).replace('torch.', '')} {t:g}" for d, t in TOLERANCE.items())
+    tolerances = ", ".join(f"{dtype_name(d)} {t:g}" for d, t in TOLERANCE.items())
     console.print(f"tolerances (error / magnitude of the summed terms): {tolerances}")
     console.print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
     return 1 if counts["FAIL"] else 0

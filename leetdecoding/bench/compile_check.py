@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..inputs import dtype_name
+
 # shared memory a block may opt into, bytes (CUDA programming guide, compute capabilities table)
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
@@ -172,7 +174,7 @@ def cases(quick: bool):
         ]
     out = []
     for dtype, dk, dv, precisions in shapes:
-        name = f"{str(dtype).replace('torch.', '')} {dk}x{dv}"
+        name = f"{dtype_name(dtype)} {dk}x{dv}"
         out += [(f"chunked {name} {p}", _chunked, (dtype, dk, dv, p)) for p in precisions]
         out += [(f"recurrent+decode {name}", _recurrent, (dtype, dk, dv)), (f"fleet {name}", _fleet, (dtype, dk, dv))]
     out.append(("chunked varlen bfloat16 128x128", _chunked_varlen, (bf16, 128, 128)))

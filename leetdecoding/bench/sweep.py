@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..inputs import dtype_name
 from ..methods.naive import TOLERANCE
 from .cases import CASES, SweepConfig, auto_pick, make_inputs, skip_reasons
 from .fp64 import fp64_gradients, fp64_sums
@@ -149,7 +150,7 @@ def run_sweep(
                 if on_start:
                     on_start(name, n, batch)
                 r = Result(
-                    name, n, batch, cfg.heads, cfg.dk, cfg.dv, str(cfg.dtype).replace("torch.", ""),
+                    name, n, batch, cfg.heads, cfg.dk, cfg.dv, dtype_name(cfg.dtype),
                     cfg.device, "error" if failure else "skip", reason=failure, auto=case.auto if case else "",
                     mode=cfg.mode,
                 )

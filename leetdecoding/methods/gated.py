@@ -21,13 +21,11 @@ from ..amp import backward_without_autocast
 from ..gates import Sums, causal_mask, has_resets
 from ..inputs import AttentionInputs
 from .autograd import PlainAutogradFence, refuse_double_backward
-from .base import output_buffer
+from .base import output_buffer, zero_states
 
 
-def _initial(x: AttentionInputs, dtype: torch.dtype) -> torch.Tensor:
-    if x.initial_state is not None:
-        return x.initial_state
-    return torch.zeros(x.batch, x.heads, x.dk, x.dv, dtype=dtype, device=x.device)
+def _initial(x: AttentionInputs) -> torch.Tensor:
+    return x.initial_state if x.initial_state is not None else zero_states(x, x.batch)
 
 
 def block(q, k, v, sums: Sums, state):
@@ -72,8 +70,8 @@ def forward_blocks(x: AttentionInputs, size: int):
         return (o * x.scale if x.scale != 1.0 else o).to(x.dtype), state.clone() if not parts else state
 
     if x.requires_grad:
-        return PlainAutogradFence.apply(run, x.q, x.k, x.v, x.log_decay, _initial(x, cd))
-    out, state = output_buffer(x.q, x.dv), _initial(x, cd).clone(memory_format=torch.contiguous_format)
+        return PlainAutogradFence.apply(run, x.q, x.k, x.v, x.log_decay, _initial(x))
+    out, state = output_buffer(x.q, x.dv), _initial(x).clone(memory_format=torch.contiguous_format)
     for start in range(0, n, size):
         part = slice(start, min(n, start + size))
         o = _block_in_place(x.q[:, :, part].to(cd), x.k[:, :, part].to(cd), x.v[:, :, part].to(cd),
@@ -149,7 +147,7 @@ class GatedRecurrentFunction(torch.autograd.Function):
 
 def recurrent(x: AttentionInputs):
     """(o, final state) of the recurrence with per-token decays."""
-    s0 = _initial(x, x.compute_dtype)
+    s0 = _initial(x)
     if x.requires_grad:
         return GatedRecurrentFunction.apply(x.q, x.k, x.v, x.log_decay, s0, x.scale)
     with torch.no_grad():
