@@ -18,6 +18,8 @@ _AVAILABLE: dict[str, bool] = {}  # per device type: asked once, as decode_step 
 
 
 def _has_autocast(device_type: str) -> bool:
+    if torch.compiler.is_compiling():  # not the cache: a traced read of it would guard on its contents
+        return torch.amp.is_autocast_available(device_type)
     known = _AVAILABLE.get(device_type)
     if known is None:
         known = _AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)

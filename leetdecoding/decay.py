@@ -51,7 +51,9 @@ def _as_float_tensor(name: str, x, dtype: torch.dtype | None = None) -> torch.Te
         check_not_meta(name, x)
         return x.to(dtype) if dtype is not None else x.to(torch.float64)
     if isinstance(x, (bool, numpy.bool_)) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a float or a (H,) tensor; got {type(x).__name__} {x!r}.")
+        raise TypeError(
+            f"{name} must be a float, an (H,) tensor or a per-token (B, H, N) tensor; got {type(x).__name__} {x!r}."
+        )
     return torch.tensor(_as_float(x), dtype=dtype or torch.float64, device="cpu")  # a number: checked on the CPU
 
 

@@ -16,11 +16,16 @@ import torch
 
 from . import decay as _decay
 
-# A log decay below RESET is a reset: exp of it is 0 in every dtype, fp64 included, so every factor across it is
-# exactly 0. The cumulative sums leave resets out (each factor is then a difference of sums of ordinary log
-# decays, or 0), so that a -inf, -1e4 or -1e30 never enters a sum: inf - inf = NaN, and a -1e30 would take every
-# digit of the sums after it.
-RESET = -746.0
+# A log decay below `negligible(dtype)` makes every factor across it smaller than exp(-30) (fp32) or exp(-40) (fp64):
+# below a thousandth of the dtype's tolerance relative to the magnitude of the terms an output sums, so it counts as
+# a reset, exactly 0. The cumulative sums leave such tokens out (each factor is then a difference of sums of ordinary
+# log decays, or 0): a -inf never enters a sum (inf - inf = NaN), and no large value takes the digits of the sums
+# after it (sums of -700s lose 1e-16 x their size in every factor's exponent).
+NEGLIGIBLE = {torch.float64: -40.0, torch.float32: -30.0}
+
+
+def negligible(dtype: torch.dtype) -> float:
+    return NEGLIGIBLE.get(dtype, NEGLIGIBLE[torch.float32])
 
 
 def is_per_token(decay, log_decay) -> bool:
@@ -59,15 +64,15 @@ def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, devic
 
 
 class Sums:
-    """The exponents of a block of tokens (..., n): G_t = sum of the ordinary log decays up to t (fp64, resets
-    left out) and the number of resets up to t. A factor between s <= t is exp(G_t - G_s) when no reset lies in
-    (s, t], else 0. `causal` is the (n, n) lower-triangular mask (made once per call); `resets` says whether the
-    call holds any reset at all (without one, the reset masks are skipped)."""
+    """The exponents of a block of tokens (..., n): G_t = sum of the ordinary log decays up to t (fp64; resets,
+    i.e. log decays below `negligible`, left out) and the number of resets up to t. A factor between s <= t is
+    exp(G_t - G_s) when no reset lies in (s, t], else 0. `causal` is the (n, n) lower-triangular mask (made once
+    per call); `resets` says whether the call holds any reset at all (without one, the reset masks are skipped)."""
 
     def __init__(self, g: torch.Tensor, causal: torch.Tensor, resets: bool = True):
         self.causal = causal
         if resets:
-            reset = g < RESET
+            reset = g < negligible(g.dtype)
             self.G = torch.cumsum(torch.where(reset, 0.0, g.to(torch.float64)), dim=-1)
             self.resets = torch.cumsum(reset.to(torch.int32), dim=-1)
         else:
@@ -100,8 +105,8 @@ def causal_mask(n: int, device) -> torch.Tensor:
 
 
 def has_resets(g: torch.Tensor) -> bool:
-    """Whether any log decay of the call is a reset (one read of the values per call)."""
-    return bool((g < RESET).any())
+    """Whether any log decay of the call counts as a reset (one read of the values per call)."""
+    return bool((g < negligible(g.dtype)).any())
 
 
 def _exp_where(exponent: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

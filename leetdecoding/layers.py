@@ -33,6 +33,23 @@ def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(mask == 0, 0.0)
 
 
+def padding_mask(attention_mask: torch.Tensor | None, b: int, n: int) -> torch.Tensor | None:
+    """attention_mask as (B, N) for the N tokens of this call: (B, N) as it is, or (B, past + N) as transformers
+    passes it while generating (its last N columns).
+
+    Raises:
+        ValueError: not 2-D, another batch size, or fewer than N columns.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < n:
+        raise ValueError(
+            f"attention_mask must have shape (B, N) = ({b}, {n}) (or (B, past + N), whose last N columns are used); "
+            f"got {tuple(attention_mask.shape)}."
+        )
+    return attention_mask[:, -n:] if n else attention_mask[:, :0]
+
+
 def split_heads(
     qkv: torch.Tensor,
     heads: int,
@@ -55,6 +72,7 @@ def split_heads(
         qkv = act(qkv)
     else:
         qkv = torch.cat((act(qkv[:, :, :, :2]), qkv[:, :, :, 2:]), dim=3)
+    attention_mask = padding_mask(attention_mask, b, n)
     if attention_mask is not None:
         qkv = zero_padding(qkv, attention_mask[:, :, None, None, None])
     q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
@@ -69,6 +87,7 @@ def gate_log_decay(logits: torch.Tensor, normaliser: float, attention_mask: torc
     attention_mask (B, N) of 0/1: a padded token gets log decay 0 (lambda = 1), so that with its k, v zeroed it
     leaves the state exactly as it was (and a NaN in its hidden state never reaches the decay)."""
     g = F.logsigmoid(logits.to(compute_dtype_for(logits.dtype))) / normaliser
+    attention_mask = padding_mask(attention_mask, *logits.shape[:2])
     if attention_mask is not None:
         g = zero_padding(g, attention_mask[:, :, None])
     return g.transpose(1, 2)  # a (B, H, N) view: the methods take strided decays

@@ -134,9 +134,17 @@ def _errors(rank: int, world: int) -> list[str]:
         ldd.attention(q, q, q)
         failures.append("disagreeing H: no error")
     except ValueError as e:
-        if "every rank must pass the same" not in str(e):
+        if "every rank must pass the same H; it differs between ranks" not in str(e):
             failures.append(f"disagreeing H: {e}")
     q = torch.randn(1, 2, 2, 4)
+    for name, kw in (("decay", {"decay": 0.9 if rank == 0 else 0.5}), ("scale", {"scale": 1.0 + rank}),
+                     ("cu_seqlens", {"cu_seqlens": torch.tensor([0, 1 + rank, 2 * world])})):  # fmt: skip
+        try:
+            ldd.attention(q[:1], q[:1], q[:1], **kw)
+            failures.append(f"disagreeing {name}: no error")
+        except ValueError as e:
+            if f"every rank must pass the same {name}; it differs between ranks" not in str(e):
+                failures.append(f"disagreeing {name}: {e}")
     try:
         ldd.attention(q, q, q, initial_state=torch.zeros(2, 2, 4, 4))
         failures.append("wrong initial_state shape: no error")

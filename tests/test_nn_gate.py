@@ -168,3 +168,14 @@ def test_the_constant_decay_layer_keeps_its_parameters_and_the_gated_one_has_fla
 def test_gate_arguments_errors_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):
         DecayingLinearAttention(32, 4, decay_gate=True, **kw)
+
+
+def test_an_attention_mask_of_the_wrong_shape_is_refused_and_a_past_plus_current_one_is_cut():
+    for gate in (False, True):
+        layer = DecayingLinearAttention(16, 2, decay_gate=gate, dtype=torch.float64)
+        x = torch.randn(2, 3, 16, dtype=torch.float64)
+        for bad in (torch.ones(2, 2), torch.ones(1, 3), torch.ones(2, 3, 1)):
+            with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, N\) = \(2, 3\)"):
+                layer(x, attention_mask=bad)
+        mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+        assert torch.equal(layer(x, attention_mask=mask), layer(x, attention_mask=mask[:, -3:]))

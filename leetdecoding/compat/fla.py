@@ -167,6 +167,8 @@ def _simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state, s
 def _attention(q, k, v, log_decay, decay_name, scale, initial_state, output_final_state, cu_seqlens, cu_cpu=None):
     """leetdecoding.attention on views of fla's layout; (o (B, T, H, V), final_state or None)."""
     if scale is None:
+        if k.shape[-1] < 1:
+            raise ValueError(f"q and k must have a head dim K >= 1 (scale=None means K^-0.5); got k {tuple(k.shape)}.")
         scale = k.shape[-1] ** -0.5
     try:
         result = attention(

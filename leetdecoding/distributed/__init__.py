@@ -109,14 +109,30 @@ def layer_attention(q, k, v, *, log_decay, scale: float, method, group) -> torch
     return o.transpose(1, 2).reshape(b, n, h * dv)
 
 
+def _agreed(x, cu_seqlens) -> dict[str, int]:
+    """What every rank must pass alike, as ints for one all-gather: shapes and kinds, and fingerprints of the
+    values (a per-head decay, the scale, the offsets) so that a rank with other values fails on every rank."""
+    same_decay = 0 if x.per_token else hash(tuple(x.log_decay.double().tolist()))
+    offsets = () if cu_seqlens is None else tuple(int(c) for c in cu_seqlens.tolist())
+    return {
+        "B": x.batch, "H": x.heads, "Dk": x.dk, "Dv": x.dv, "per-token decay (0 no, 1 yes)": int(x.per_token),
+        "dtype (index)": _DTYPES.index(x.dtype), "cu_seqlens given (0 no, 1 yes)": int(cu_seqlens is not None),
+        "decay": same_decay, "scale": hash(float(x.scale)), "cu_seqlens": hash(offsets),
+    }  # fmt: skip
+
+
 def _layout(x, group, cu_seqlens) -> Layout:
     """Every rank's length from one small all-gather, which also checks that the ranks agree on the rest."""
-    kinds = [x.batch, x.heads, x.dk, x.dv, int(x.per_token), _DTYPES.index(x.dtype), int(cu_seqlens is not None)]
-    every = gather_ints([x.seq_len, *kinds], group, x.device)
-    if any(row[1:] != kinds for row in every):
-        names = "B, H, Dk, Dv, per-token decay, dtype, cu_seqlens given"
-        got = [row[1:] for row in every]
-        raise ValueError(f"every rank must pass the same {names}; got, per rank: {got}.")
+    fields = _agreed(x, cu_seqlens)
+    every = gather_ints([x.seq_len, *fields.values()], group, x.device)
+    for i, name in enumerate(fields, start=1):
+        if len({row[i] for row in every}) > 1:
+            shown = {"decay": "(values differ)", "cu_seqlens": "(offsets differ)", "scale": "(values differ)"}
+            per_rank = ", ".join(f"rank {r} {row[i] if name not in shown else ''}".rstrip() for r, row in
+                                 enumerate(every))  # fmt: skip
+            raise ValueError(
+                f"every rank must pass the same {name}; it differs between ranks {shown.get(name, '')}: {per_rank}."
+            )
     lengths = [row[0] for row in every]
     total = sum(lengths)
     if cu_seqlens is None:

@@ -129,7 +129,7 @@ def _closed_form_per_token(q, k, v, g, initial_state, scale):
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     mask = torch.exp((G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(~causal, float("-inf")))
     o = ((q @ k.transpose(-1, -2)) * mask) @ v
-    last = G[..., -1:] if n else torch.zeros_like(G[..., :1])
+    last = G[..., -1:] if n else G.new_zeros(*G.shape[:-1], 1)
     state = (k * torch.exp(last - G).unsqueeze(-1)).transpose(-1, -2) @ v
     if initial_state is not None:
         s0 = initial_state.to(torch.float64)
