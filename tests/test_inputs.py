@@ -77,7 +77,8 @@ def test_decay_tensor_entries_and_shape():
     raises(ValueError, r"decay must be in \(0, 1\].*got 1.2", decay=torch.tensor([0.9, 1.2, 0.5]))
     raises(ValueError, r"decay must be a float or a tensor of shape \(3,\).*got shape \(2,\)", decay=torch.ones(2))
     raises(ValueError, r"shape \(3,\).*got shape \(3, 1, 1\).*reshape", decay=torch.ones(3, 1, 1))
-    raises(TypeError, r"decay must be a float or a \(H,\) tensor; got str", decay="0.9")
+    raises(TypeError, r"decay must be a float, an \(H,\) tensor or a per-token \(B, H, N\) tensor; got str",
+           decay="0.9")  # fmt: skip
 
 
 def test_log_decay_rules():
