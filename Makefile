@@ -1,5 +1,5 @@
 # Quick start: `make bench` and `make test` set up .venv on first use, then run. `make test-fast`: the suite
-# without its slowest files (a few minutes on a 2-core machine; `make test` runs them all, as CI does).
+# without its slowest files (`make test` runs them all, as CI does).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python

@@ -173,10 +173,14 @@ def _canonical(decay, log_decay, heads: int, device: torch.device, dtype: torch.
     if decay is not None:
         bad = (t <= 0) | (t > 1)
         if bool(bad.any()):
-            raise ValueError(
-                f"decay must be in (0, 1] (lambda = 1 is no decay); got {_describe_bad(t, bad)}. "
-                "Hint: for a rate s with lambda = exp(-s), pass log_decay=-s or use leetdecoding.decay.from_rate."
+            hint = (
+                "the converters of leetdecoding.decay (minimax, retnet, from_rate, ...) return log lambda: pass "
+                "them as log_decay="
+                if bool((t <= 0).all())
+                else "for a rate s with lambda = exp(-s), pass log_decay=-s or use leetdecoding.decay.from_rate"
             )
+            got = _describe_bad(t, bad)
+            raise ValueError(f"decay must be in (0, 1] (lambda = 1 is no decay); got {got}. Hint: {hint}.")
         log = torch.log(t)
     else:
         bad = t > 0

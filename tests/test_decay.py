@@ -133,3 +133,9 @@ def test_retnet_is_fla_retention_gammas():
     fla32 = (1 - torch.tensor(2.0).pow(-5.0 - hf)).log()
     assert torch.allclose(decay.retnet(32)[:20], fla32[:20], rtol=2.0**-23, atol=0)
     assert bool((fla32[20:] == 0).all()) and bool((decay.retnet(32)[20:] < 0).all())
+
+
+def test_a_converter_passed_as_decay_says_to_pass_it_as_log_decay():
+    q = torch.randn(1, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"decay must be in \(0, 1\].*return log lambda: pass them as log_decay="):
+        ld.attention(q, q, q, decay=ld.decay.retnet(8))

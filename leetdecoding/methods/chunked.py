@@ -202,7 +202,7 @@ class Chunked(Method):
     name = "chunked"
     algorithm = "block-based / Lightning Attention-2: exact intra-chunk block + carried state"
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
-    memory_complexity = "O(Dk Dv + C^2)"
+    memory_complexity = "O(B H (Dk Dv + C^2 + C D))"
     options = ("chunk_size", "span_bytes")
     per_token_decay = True
 

@@ -29,7 +29,7 @@ class DecodeMethod(Declared):
 
 class RecurrentStep(DecodeMethod):
     name = "recurrent_step"
-    algorithm = "the recurrence for one token in torch ops, the state updated in place or into out_state"
+    algorithm = "the recurrence for one token in torch ops: a new state, or written into out_state (in place)"
     per_token_decay = True
 
     def step(self, d: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
