@@ -69,8 +69,8 @@ class Sums:
     exp(G_t - G_s) when no reset lies in (s, t], else 0. `causal` is the (n, n) lower-triangular mask (made once
     per call); `resets` says whether the call holds any reset at all (without one, the reset masks are skipped)."""
 
-    def __init__(self, g: torch.Tensor, causal: torch.Tensor, resets: bool = True):
-        self.causal = causal
+    def __init__(self, g: torch.Tensor, causal: torch.Tensor, resets: bool = True, shallow: bool = False):
+        self.causal, self.shallow = causal, shallow and not resets
         if resets:
             reset = g < negligible(g.dtype)
             self.G = torch.cumsum(torch.where(reset, 0.0, g.to(torch.float64)), dim=-1)
@@ -81,17 +81,35 @@ class Sums:
 
     def within(self, dtype: torch.dtype) -> torch.Tensor:
         """exp(G_t - G_s) for s <= t with no reset in (s, t], else 0: (..., n, n)."""
+        if self.shallow:  # exp(G_t) exp(-G_s): 2n exponentials, not n^2 (see SHALLOW); causal is in `dtype`
+            return (self._down.to(dtype).unsqueeze(-1) * self._up.to(dtype).unsqueeze(-2)).mul_(self.causal)
         keep = self.causal
         if self.resets is not None:
             keep = keep & (self.resets.unsqueeze(-1) == self.resets.unsqueeze(-2))
         return _exp_where(self.G.unsqueeze(-1) - self.G.unsqueeze(-2), keep, dtype)
 
+    @property
+    def _down(self) -> torch.Tensor:  # exp(G), each <= 1
+        if not hasattr(self, "_exp_down"):
+            self._exp_down = torch.exp(self.G)
+        return self._exp_down
+
+    @property
+    def _up(self) -> torch.Tensor:  # exp(-G), each <= exp(SHALLOW[dtype])
+        if not hasattr(self, "_exp_up"):
+            self._exp_up = torch.exp(-self.G)
+        return self._exp_up
+
     def from_start(self, dtype: torch.dtype) -> torch.Tensor:
         """The factor from the block's start state to token t (lambda_0 ... lambda_t): (..., n)."""
+        if self.shallow:
+            return self._down.to(dtype)
         return _exp_where(self.G, None if self.resets is None else self.resets == 0, dtype)
 
     def to_end(self, dtype: torch.dtype) -> torch.Tensor:
         """The factor from token s to the block's end (lambda_{s+1} ... lambda_last): (..., n)."""
+        if self.shallow:
+            return (self._down[..., -1:] * self._up).to(dtype)
         keep = None if self.resets is None else self.resets == self.resets[..., -1:]
         return _exp_where(self.G[..., -1:] - self.G, keep, dtype)
 
@@ -100,8 +118,27 @@ class Sums:
         return self.from_start(dtype)[..., -1:]
 
 
-def causal_mask(n: int, device) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+# A block whose log decays sum to at least -SHALLOW[dtype] (and holds no reset) forms its factors as
+# exp(G_t) exp(-G_s), each exponential taken in fp64 and rounded to the compute dtype, then multiplied there:
+# exp(-G_s) <= exp(60) ~ 1e26 stays far from fp32's overflow (3e38; fp64: exp(300) ~ 2e130), and the product is
+# exact to about three roundings of the dtype (2e-7 in fp32, below its 2e-6 tolerance), as exp(G_t - G_s) would
+# be to one; 2n exponentials per block instead of n^2, and the products in the dtype of the matmul.
+SHALLOW = {torch.float64: 300.0, torch.float32: 60.0}
+
+
+def causal_mask(n: int, device, dtype=torch.bool) -> torch.Tensor:
+    return torch.ones(n, n, dtype=dtype, device=device).tril()
+
+
+def shallow_blocks(g: torch.Tensor, size: int) -> bool:
+    """Whether every block of `size` tokens of g (..., N) sums to at least -SHALLOW of g's dtype (one read per
+    call; g is in the compute dtype)."""
+    n = g.shape[-1]
+    if n == 0:
+        return True
+    padded = torch.nn.functional.pad(g.detach().to(torch.float64), (0, -n % size))
+    bound = SHALLOW.get(g.dtype, SHALLOW[torch.float32])
+    return bool(padded.unflatten(-1, (-1, size)).sum(-1).min() >= -bound)
 
 
 def has_resets(g: torch.Tensor) -> bool:

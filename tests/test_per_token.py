@@ -192,3 +192,14 @@ def test_a_zero_decay_with_gradients_gives_finite_gradients():
     got = torch.autograd.grad(ld.attention(leaves[0], k, v, decay=leaves[1])[:, :, 10:].sum(), leaves[0])[0]
     assert torch.allclose(got[:, :, 10:], want, atol=1e-10)
     assert torch.equal(got[:, :, :10], torch.zeros_like(q[:, :, :10]))
+
+
+@pytest.mark.parametrize("low", [-0.01, -0.9])  # block sums of about -0.3 and -29: the factored tables of gates.SHALLOW
+def test_fp32_factored_tables_stay_within_tolerance(low):
+    q, k, v, log_decay, s0 = problem(b=1, n=600, dtype=torch.float32, low=low)
+    ref = reference(q, k, v, torch.exp(log_decay.double()), s0)
+    for method in ("chunked", "vanilla"):
+        o, state = ld.attention(q, k, v, log_decay=log_decay, initial_state=s0, output_final_state=True,
+                                method=method)  # fmt: skip
+        assert_close(f"{method} o", o, ref.o, ref.o_abs, torch.float32)
+        assert_close(f"{method} state", state, ref.state, ref.state_abs, torch.float32)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..amp import backward_without_autocast
-from ..gates import Sums, causal_mask, has_resets
+from ..gates import Sums, causal_mask, has_resets, shallow_blocks
 from ..inputs import AttentionInputs
 from .autograd import PlainAutogradFence, refuse_double_backward
 from .base import output_buffer, zero_states
@@ -37,34 +37,38 @@ def block(q, k, v, sums: Sums, state):
     return o, state
 
 
-def _block_in_place(q, k, v, sums: Sums, state):
+def _block_in_place(q, k, v, sums: Sums, state, out, scale: float):
     """`block` without gradients, each product fused with its sum and written over its own temporaries, on
-    (B*H, n, D) views; the state is updated in place."""
+    (B*H, n, D) views; the state is updated in place; o is copied into `out` (B, H, n, Dv). (Written straight
+    into `out`, a strided view, the batched products ran per batch row: 1.85x the time.)"""
     cd, (B, H, n, Dk), Dv = q.dtype, q.shape, v.shape[-1]
     q3, k3, v3 = q.reshape(B * H, n, Dk), k.reshape(B * H, n, Dk), v.reshape(B * H, n, Dv)
     s3 = state.view(B * H, Dk, Dv)
     scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(sums.within(cd).view(B * H, n, n))
     o = torch.bmm(q3 * sums.from_start(cd).view(B * H, n, 1), s3).baddbmm_(scores, v3)
+    if scale != 1.0:
+        o.mul_(scale)
     decayed_k = k3 * sums.to_end(cd).view(B * H, n, 1)
     s3.mul_(sums.whole(cd).view(B * H, 1, 1)).baddbmm_(decayed_k.transpose(1, 2), v3)
-    return o.view(B, H, n, Dv)
+    out.copy_(o.view(B, H, n, Dv))
 
 
 def forward_blocks(x: AttentionInputs, size: int):
     """(o in the input dtype, final state) of the blocks of `size` tokens in turn (size >= N: one block),
     differentiable by autograd inside one node."""
     cd, n = x.compute_dtype, x.seq_len
-    causal, resets = causal_mask(min(size, max(n, 1)), x.device), has_resets(x.log_decay)
+    resets = has_resets(x.log_decay)
+    shallow = not resets and shallow_blocks(x.log_decay, size)
+    causal = causal_mask(min(size, max(n, 1)), x.device, cd if shallow else torch.bool)
 
     def sums(g: torch.Tensor) -> Sums:
-        return Sums(g, causal[: g.shape[-1], : g.shape[-1]], resets)
+        return Sums(g, causal[: g.shape[-1], : g.shape[-1]], resets, shallow)
 
     def run(q, k, v, g, s0):
+        # split, not sliced per block: a slice's backward writes a zero tensor of the whole input per block
         state, parts = s0, []
-        for start in range(0, n, size):
-            part = slice(start, min(n, start + size))
-            o, state = block(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), sums(g[..., part]),
-                             state)  # fmt: skip
+        for qc, kc, vc, gc in zip(q.split(size, 2), k.split(size, 2), v.split(size, 2), g.split(size, -1)):
+            o, state = block(qc.to(cd), kc.to(cd), vc.to(cd), sums(gc), state)
             parts.append(o)
         o = torch.cat(parts, dim=2) if parts else x.q.new_zeros(x.batch, x.heads, 0, x.dv, dtype=cd)
         return (o * x.scale if x.scale != 1.0 else o).to(x.dtype), state.clone() if not parts else state
@@ -74,9 +78,8 @@ def forward_blocks(x: AttentionInputs, size: int):
     out, state = output_buffer(x.q, x.dv), _initial(x).clone(memory_format=torch.contiguous_format)
     for start in range(0, n, size):
         part = slice(start, min(n, start + size))
-        o = _block_in_place(x.q[:, :, part].to(cd), x.k[:, :, part].to(cd), x.v[:, :, part].to(cd),
-                            sums(x.log_decay[..., part]), state)  # fmt: skip
-        out[:, :, part] = o.mul_(x.scale) if x.scale != 1.0 else o
+        _block_in_place(x.q[:, :, part].to(cd), x.k[:, :, part].to(cd), x.v[:, :, part].to(cd),
+                            sums(x.log_decay[..., part]), state, out[:, :, part], x.scale)  # fmt: skip
     return out, state
 
 
