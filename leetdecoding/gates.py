@@ -113,6 +113,10 @@ class Sums:
         keep = None if self.resets is None else self.resets == self.resets[..., -1:]
         return _exp_where(self.G[..., -1:] - self.G, keep, dtype)
 
+    def raised(self, dtype: torch.dtype) -> torch.Tensor:
+        """exp(-G_s) (..., n), for a shallow block only (each <= exp(SHALLOW[dtype]))."""
+        return self._up.to(dtype)
+
     def whole(self, dtype: torch.dtype) -> torch.Tensor:
         """The factor across the whole block: (..., 1)."""
         return self.from_start(dtype)[..., -1:]
@@ -120,10 +124,11 @@ class Sums:
 
 # A block whose log decays sum to at least -SHALLOW[dtype] (and holds no reset) forms its factors as
 # exp(G_t) exp(-G_s), each exponential taken in fp64 and rounded to the compute dtype, then multiplied there:
-# exp(-G_s) <= exp(60) ~ 1e26 stays far from fp32's overflow (3e38; fp64: exp(300) ~ 2e130), and the product is
+# exp(-G_s) <= exp(40) ~ 2e17 stays far from fp32's overflow (3e38; fp64: exp(300) ~ 2e130), also times a key
+# (without gradients the factors multiply q and k before their product), and the product is
 # exact to about three roundings of the dtype (2e-7 in fp32, below its 2e-6 tolerance), as exp(G_t - G_s) would
 # be to one; 2n exponentials per block instead of n^2, and the products in the dtype of the matmul.
-SHALLOW = {torch.float64: 300.0, torch.float32: 60.0}
+SHALLOW = {torch.float64: 300.0, torch.float32: 40.0}
 
 
 def causal_mask(n: int, device, dtype=torch.bool) -> torch.Tensor:

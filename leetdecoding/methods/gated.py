@@ -44,12 +44,19 @@ def _block_in_place(q, k, v, sums: Sums, state, out, scale: float):
     cd, (B, H, n, Dk), Dv = q.dtype, q.shape, v.shape[-1]
     q3, k3, v3 = q.reshape(B * H, n, Dk), k.reshape(B * H, n, Dk), v.reshape(B * H, n, Dv)
     s3 = state.view(B * H, Dk, Dv)
-    scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(sums.within(cd).view(B * H, n, n))
-    o = torch.bmm(q3 * sums.from_start(cd).view(B * H, n, 1), s3).baddbmm_(scores, v3)
+    if sums.shallow:  # exp(G_t - G_s) (q_t . k_s) = (exp(G_t) q_t) . (exp(-G_s) k_s): the factors ride on q and k
+        down = sums.from_start(cd).view(B * H, n, 1)
+        decayed_q, raised_k = q3 * down, k3 * sums.raised(cd).view(B * H, n, 1)
+        scores = torch.bmm(decayed_q, raised_k.transpose(1, 2)).mul_(sums.causal)
+        decayed_k, whole = raised_k.mul_(down[:, -1:]), down[:, -1:]
+    else:
+        scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(sums.within(cd).view(B * H, n, n))
+        decayed_q = q3 * sums.from_start(cd).view(B * H, n, 1)
+        decayed_k, whole = k3 * sums.to_end(cd).view(B * H, n, 1), sums.whole(cd).view(B * H, 1, 1)
+    o = torch.bmm(decayed_q, s3).baddbmm_(scores, v3)
     if scale != 1.0:
         o.mul_(scale)
-    decayed_k = k3 * sums.to_end(cd).view(B * H, n, 1)
-    s3.mul_(sums.whole(cd).view(B * H, 1, 1)).baddbmm_(decayed_k.transpose(1, 2), v3)
+    s3.mul_(whole).baddbmm_(decayed_k.transpose(1, 2), v3)
     out.copy_(o.view(B, H, n, Dv))
 
 
