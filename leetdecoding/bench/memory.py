@@ -3,6 +3,9 @@
     with PeakMemory(device) as peak:
         fn()
     peak.bytes        # extra bytes at the peak, or None where it cannot be measured
+
+psutil is not used here: it reports the current RSS (and the stdlib's getrusage a peak that never resets), while a
+call's peak needs the high-water mark reset before it, which Linux offers through /proc/self/clear_refs.
 """
 
 from __future__ import annotations
