@@ -53,13 +53,13 @@ class TritonStep(DecodeMethod):
     dtypes = triton.TritonMethod.dtypes
     max_head_dim = triton.MAX_HEAD_DIM
     supports_grad = False
+    per_token_decay = True  # a (B, H) log decay for the step, read in the kernel
 
     def unavailable_reason(self) -> str | None:
         return triton.triton_missing()
 
     def not_supported_reasons(self, d: DecodeInputs) -> list[str]:
-        per_token = ["no per-token decay (a decay per head only)"] if d.per_token else []
-        return triton.decode_step_reasons(d.q, d.k, d.v, d.state) + per_token
+        return triton.decode_step_reasons(d.q, d.k, d.v, d.state, d.log_decay)
 
     def step(self, d: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return triton.decode_step(d.q, d.k, d.v, d.state, d.log_decay, d.scale, d.out_state)

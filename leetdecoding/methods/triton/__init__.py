@@ -114,6 +114,7 @@ class TritonRecurrent(TritonMethod):
     name = "triton_recurrent"
     op_name = "recurrent_fwd"
     algorithm = "causal dot product in a Triton kernel: one state update per token"
+    per_token_decay = True  # forward only (supports_grad False): lambda_t read per token in the kernel
     time_complexity = "O(N Dk Dv)"
     memory_complexity = "O(Dk Dv)"
 
@@ -139,10 +140,13 @@ METHODS = (TritonChunked(), TritonRecurrent(), TritonFleet())
 _DECLARED = TritonMethod()  # what every kernel declares: the fused decode step's refusals too
 
 
-def decode_step_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor) -> list[str]:
+def decode_step_reasons(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor, log_decay: torch.Tensor | None = None
+) -> list[str]:
     """Why `decode_step` below cannot run these (validated) decode inputs; empty when it can. The kernels'
-    declarations (`TritonMethod`) and the bf16 rule, as for the methods."""
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state))
+    declarations (`TritonMethod`) and the bf16 rule, as for the methods; a (B, H) per-token `log_decay` runs too."""
+    tensors = (q, k, v, state) if log_decay is None else (q, k, v, state, log_decay)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return _DECLARED.reasons(q.device, q.dtype, state.shape[-2], state.shape[-1], grad)
 
 
@@ -156,8 +160,9 @@ def decode_step(
     out_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token in one fused kernel: q, k (B, H, Dk), v (B, H, Dv) (any strides), state (B, H, Dk, Dv) fp32,
-    log_decay (H,) fp32. Returns (o (B, H, Dv) in q's dtype, new_state); the new state is written into
-    `out_state` when given (`out_state=state` updates in place), into a new tensor otherwise.
+    log_decay (H,) per head or (B, H) for this step's token (leetdecoding.gates), fp32. Returns (o (B, H, Dv) in
+    q's dtype, new_state); the new state is written into `out_state` when given (`out_state=state` updates in
+    place), into a new tensor otherwise.
 
     Inputs are trusted (validate with `leetdecoding.inputs.validate_decode` first); `decode_step_reasons`
     says whether the kernel can run them.

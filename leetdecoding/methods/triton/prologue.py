@@ -16,9 +16,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# The sequence length, and the batch and head strides of every (B, H, N, D) tensor (they depend on N for some
-# layouts): never specialised on. One list for all kernels; Triton skips the names a kernel does not take.
-NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh", "sdb", "sdh"]
+# The sequence length, and the batch and head strides of every (B, H, N, D) tensor and of per-token log decays
+# (B, H, N) (they depend on N for some layouts): never specialised on. One list for all kernels; Triton skips the
+# names a kernel does not take.
+NO_SPEC = ["N", "sqb", "sqh", "skb", "skh", "svb", "svh", "sob", "soh", "sdb", "sdh", "sgb", "sgh"]
 
 
 # ----- the prologue -----

@@ -1,0 +1,158 @@
+"""Per-token decays (leetdecoding.gates) in the Triton kernels against the fp64 recurrence: triton_recurrent's
+forward and the fused decode step, fp32 and fp64, with no decay, tiny, strong and reset log decays (0, -1e-7, -30,
+-1e4, -inf) mixed in, initial and final states, packed sequences, a strided decay, decode steps continuing a prefill.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py): the problems are tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import leetdecoding as ld  # noqa: E402
+from leetdecoding.methods import REGISTRY  # noqa: E402
+from leetdecoding.methods.naive import reference  # noqa: E402
+
+from .reference import assert_close  # noqa: E402
+
+if REGISTRY["triton_recurrent"].unavailable_reason():
+    pytest.skip(REGISTRY["triton_recurrent"].unavailable_reason(), allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() and REGISTRY["triton_recurrent"].devices == ("cuda",) else "cpu"
+H, DK, DV = 3, 8, 5
+DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.float32]  # fp64: the interpreter only
+
+
+def problem(b=2, n=70, dtype=torch.float32, seed=0):
+    """q, k, v in `dtype`, log decays in (-0.5, 0] with the edge values mixed in (`edges`), an initial state, all
+    on DEVICE; the log decays and the state in the state dtype."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, H, n, DK, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(b, H, n, DV, generator=g, dtype=torch.float64)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    log_decay = edges(torch.rand(b, H, n, generator=g, dtype=torch.float64) * -0.5)
+    s0 = torch.randn(b, H, DK, DV, generator=g, dtype=torch.float64)
+    dev = lambda t, d: t.to(device=DEVICE, dtype=d)  # noqa: E731
+    return dev(q, dtype), dev(k, dtype), dev(v, dtype), dev(log_decay, state_dtype), dev(s0, state_dtype)
+
+
+def edges(log_decay: torch.Tensor) -> torch.Tensor:
+    """No decay, tiny, strong and reset log decays at token 0, at chunk edges (15, 16, 63, 64, 65) and inside."""
+    values = [0.0, -1e-7, -30.0, -1e4, float("-inf")]
+    for i, t in enumerate([0, 1, 15, 16, 40, 63, 64, 65, 66, 69]):
+        if t < log_decay.shape[-1]:
+            log_decay[i % log_decay.shape[0], i % H, t] = values[i % len(values)]
+    return log_decay
+
+
+def expected(q, k, v, log_decay, s0, scale=1.0):
+    cpu = lambda t: None if t is None else t.cpu().double()  # noqa: E731
+    return reference(cpu(q), cpu(k), cpu(v), torch.exp(cpu(log_decay)), cpu(s0), scale)
+
+
+def check(label, o, state, ref, dtype):
+    assert o.dtype == dtype and state.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(label + " o", o.cpu(), ref.o, ref.o_abs, dtype)
+    assert_close(label + " state", state.cpu(), ref.state, ref.state_abs, state.dtype)
+
+
+# ----- triton_recurrent -----
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_recurrent_matches_the_fp64_recurrence_at_the_edges(dtype, with_state):
+    q, k, v, log_decay, s0 = problem(dtype=dtype)
+    s0 = s0 if with_state else None
+    o, state = ld.attention(q, k, v, log_decay=log_decay, scale=0.7, initial_state=s0, output_final_state=True,
+                            method="triton_recurrent")  # fmt: skip
+    check("triton_recurrent", o, state, expected(q, k, v, log_decay, s0, 0.7), dtype)
+
+
+def test_recurrent_takes_a_strided_decay_and_the_decay_form():
+    """fla's gates (B, T, H) passed as a transposed view; decay= with zeros (resets) gives the same outputs."""
+    q, k, v, log_decay, s0 = problem(n=33)
+    strided = log_decay.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    o, state = ld.attention(q, k, v, log_decay=strided, initial_state=s0, output_final_state=True,
+                            method="triton_recurrent")  # fmt: skip
+    check("strided decay", o, state, expected(q, k, v, log_decay, s0), torch.float32)
+    o2 = ld.attention(q, k, v, decay=torch.exp(log_decay), initial_state=s0, method="triton_recurrent")
+    assert_close("decay form", o2.cpu(), *_o(expected(q, k, v, log_decay, s0)), torch.float32)
+
+
+def _o(ref):
+    return ref.o, ref.o_abs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_recurrent_packed_sequences(dtype):
+    """(1, H, T) log decays with cu_seqlens: each sequence from its own initial state, with its own decays."""
+    q, k, v, log_decay, _ = problem(b=1, n=50, dtype=dtype)
+    cuts = [0, 1, 18, 18, 50]  # a one-token and an empty sequence among them
+    s0 = problem(b=len(cuts) - 1, n=1, dtype=dtype)[4]
+    cu = torch.tensor(cuts, dtype=torch.int32, device=DEVICE)
+    o, state = ld.attention(q, k, v, log_decay=log_decay, cu_seqlens=cu, initial_state=s0, output_final_state=True,
+                            method="triton_recurrent")  # fmt: skip
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        part = slice(a, b)
+        ref = expected(q[:, :, part], k[:, :, part], v[:, :, part], log_decay[:, :, part], s0[i : i + 1])
+        assert_close(f"sequence {i} o", o[:, :, part].cpu(), ref.o, ref.o_abs, dtype)
+        assert_close(f"sequence {i} state", state[i : i + 1].cpu(), ref.state, ref.state_abs, s0.dtype)
+
+
+# ----- the fused decode step -----
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_steps_continue_a_triton_prefill(dtype):
+    """A prefill by triton_recurrent, then triton_step steps with their own (B, H) decays (a reset among them),
+    updating the state in place: the fp64 recurrence over the whole sequence."""
+    q, k, v, log_decay, s0 = problem(n=12, dtype=dtype)
+    log_decay[1, 2, 9] = float("-inf")
+    log_decay[0, 0, 10] = 0.0
+    o, state = ld.attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], log_decay=log_decay[:, :, :8], scale=0.7,
+                            initial_state=s0, output_final_state=True, method="triton_recurrent")  # fmt: skip
+    outs = [o]
+    for t in range(8, 12):
+        o_t, state = ld.decode_step(q[:, :, t], k[:, :, t], v[:, :, t], state, log_decay=log_decay[:, :, t],
+                                    scale=0.7, out_state=state, method="triton_step")  # fmt: skip
+        outs.append(o_t.unsqueeze(2))
+    check("prefill + decode", torch.cat(outs, 2), state, expected(q, k, v, log_decay, s0, 0.7), dtype)
+
+
+def test_decode_step_with_a_decay_form_and_a_new_state():
+    q, k, v, log_decay, s0 = problem(n=1)
+    lam = torch.exp(log_decay[:, :, 0])
+    o, state = ld.decode_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0, decay=lam, method="triton_step")
+    check("one step", o.unsqueeze(2), state, expected(q, k, v, log_decay, s0), torch.float32)
+    assert not torch.equal(state, s0)  # a new tensor: s0 is untouched
+
+
+# ----- what the methods declare -----
+
+
+def test_explain_shows_which_triton_methods_take_per_token_decays():
+    q, k, v, log_decay, s0 = problem(n=5)
+    e = ld.explain(q, k, v, log_decay=log_decay, initial_state=s0)
+    assert "triton_recurrent" not in e.refusals
+    assert "no per-token decay" in "; ".join(e.refusals["triton_fleet"])
+    d = ld.explain_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0, log_decay=log_decay[:, :, 0])
+    assert "triton_step" not in d.refusals
+    assert REGISTRY["triton_recurrent"].info()["per_token_decay"]
+
+
+def test_recurrent_refuses_per_token_decays_that_require_grad():
+    q, k, v, log_decay, _ = problem(n=5)
+    with pytest.raises(ld.MethodRefusedError, match=r"'triton_recurrent' cannot run .*no gradient support"):
+        ld.attention(q, k, v, log_decay=log_decay.requires_grad_(), method="triton_recurrent")
+    lam = log_decay.detach()[:, :, 0].requires_grad_()
+    with pytest.raises(ld.MethodRefusedError, match=r"'triton_step' cannot run .*no gradient support"):
+        ld.decode_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], _state(q), log_decay=lam, method="triton_step")
+
+
+def _state(q):
+    return torch.zeros(*q.shape[:2], DK, DV, dtype=torch.float32, device=q.device)
