@@ -1,6 +1,7 @@
-"""Per-token decays (leetdecoding.gates) in the Triton kernels against the fp64 recurrence: triton_recurrent's
-forward and the fused decode step, fp32 and fp64, with no decay, tiny, strong and reset log decays (0, -1e-7, -30,
--1e4, -inf) mixed in, initial and final states, packed sequences, a strided decay, decode steps continuing a prefill.
+"""Per-token decays (leetdecoding.gates) in the Triton kernels against the fp64 recurrence: the forward of
+triton_recurrent and triton_chunked, and the fused decode step, fp32 and fp64, with no decay, tiny, strong and
+reset log decays (0, -1e-7, -30, -1e4, -inf) mixed in, initial and final states, packed sequences, a strided
+decay, decode steps continuing a prefill; the refusal of per-token decays that require grad.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py): the problems are tiny.
 """
@@ -13,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 import leetdecoding as ld  # noqa: E402
+from leetdecoding.inputs import validate  # noqa: E402
 from leetdecoding.methods import REGISTRY  # noqa: E402
 from leetdecoding.methods.naive import reference  # noqa: E402
 
@@ -24,6 +26,7 @@ if REGISTRY["triton_recurrent"].unavailable_reason():
 DEVICE = "cuda" if torch.cuda.is_available() and REGISTRY["triton_recurrent"].devices == ("cuda",) else "cpu"
 H, DK, DV = 3, 8, 5
 DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.float32]  # fp64: the interpreter only
+METHODS = ["triton_recurrent", "triton_chunked"]
 
 
 def problem(b=2, n=70, dtype=torch.float32, seed=0):
@@ -59,28 +62,40 @@ def check(label, o, state, ref, dtype):
     assert_close(label + " state", state.cpu(), ref.state, ref.state_abs, state.dtype)
 
 
-# ----- triton_recurrent -----
+# ----- the forward: triton_recurrent and triton_chunked -----
 
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_recurrent_matches_the_fp64_recurrence_at_the_edges(dtype, with_state):
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_matches_the_fp64_recurrence_at_the_edges(method, dtype, with_state):
     q, k, v, log_decay, s0 = problem(dtype=dtype)
     s0 = s0 if with_state else None
     o, state = ld.attention(q, k, v, log_decay=log_decay, scale=0.7, initial_state=s0, output_final_state=True,
-                            method="triton_recurrent")  # fmt: skip
-    check("triton_recurrent", o, state, expected(q, k, v, log_decay, s0, 0.7), dtype)
+                            method=method)  # fmt: skip
+    check(method, o, state, expected(q, k, v, log_decay, s0, 0.7), dtype)
 
 
-def test_recurrent_takes_a_strided_decay_and_the_decay_form():
+def test_chunked_with_small_chunks_and_strong_decays():
+    """Chunks of 16 (edges at 15, 16, 63, 64, 65 fall on their borders) and log decays down to -4 (a chunk's sum
+    to about -30) in fp32."""
+    q, k, v, log_decay, s0 = problem(n=70)
+    log_decay = torch.where(log_decay > -0.5, log_decay * 8, log_decay)
+    x = validate(q, k, v, None, log_decay, 1.0, s0, True)
+    o, state = REGISTRY["triton_chunked"].forward(x, chunk_size=16, precision="ieee")
+    check("chunks of 16", o, state, expected(q, k, v, log_decay, s0), torch.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_takes_a_strided_decay_and_the_decay_form(method):
     """fla's gates (B, T, H) passed as a transposed view; decay= with zeros (resets) gives the same outputs."""
     q, k, v, log_decay, s0 = problem(n=33)
     strided = log_decay.transpose(1, 2).contiguous().transpose(1, 2)
     assert not strided.is_contiguous()
     o, state = ld.attention(q, k, v, log_decay=strided, initial_state=s0, output_final_state=True,
-                            method="triton_recurrent")  # fmt: skip
+                            method=method)  # fmt: skip
     check("strided decay", o, state, expected(q, k, v, log_decay, s0), torch.float32)
-    o2 = ld.attention(q, k, v, decay=torch.exp(log_decay), initial_state=s0, method="triton_recurrent")
+    o2 = ld.attention(q, k, v, decay=torch.exp(log_decay), initial_state=s0, method=method)
     assert_close("decay form", o2.cpu(), *_o(expected(q, k, v, log_decay, s0)), torch.float32)
 
 
@@ -89,14 +104,15 @@ def _o(ref):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_recurrent_packed_sequences(dtype):
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_sequences(method, dtype):
     """(1, H, T) log decays with cu_seqlens: each sequence from its own initial state, with its own decays."""
     q, k, v, log_decay, _ = problem(b=1, n=50, dtype=dtype)
     cuts = [0, 1, 18, 18, 50]  # a one-token and an empty sequence among them
     s0 = problem(b=len(cuts) - 1, n=1, dtype=dtype)[4]
     cu = torch.tensor(cuts, dtype=torch.int32, device=DEVICE)
     o, state = ld.attention(q, k, v, log_decay=log_decay, cu_seqlens=cu, initial_state=s0, output_final_state=True,
-                            method="triton_recurrent")  # fmt: skip
+                            method=method)  # fmt: skip
     for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
         part = slice(a, b)
         ref = expected(q[:, :, part], k[:, :, part], v[:, :, part], log_decay[:, :, part], s0[i : i + 1])
@@ -138,15 +154,21 @@ def test_decode_step_with_a_decay_form_and_a_new_state():
 def test_explain_shows_which_triton_methods_take_per_token_decays():
     q, k, v, log_decay, s0 = problem(n=5)
     e = ld.explain(q, k, v, log_decay=log_decay, initial_state=s0)
-    assert "triton_recurrent" not in e.refusals
+    assert "triton_recurrent" not in e.refusals and "triton_chunked" not in e.refusals
     assert "no per-token decay" in "; ".join(e.refusals["triton_fleet"])
     d = ld.explain_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0, log_decay=log_decay[:, :, 0])
     assert "triton_step" not in d.refusals
     assert REGISTRY["triton_recurrent"].info()["per_token_decay"]
 
 
-def test_recurrent_refuses_per_token_decays_that_require_grad():
+def test_per_token_decays_that_require_grad_are_refused_with_a_reason():
     q, k, v, log_decay, _ = problem(n=5)
+    leaf = log_decay.clone().requires_grad_()
+    with pytest.raises(ld.MethodRefusedError, match=r"'triton_chunked' cannot run .*no backward for per-token"):
+        ld.attention(q, k, v, log_decay=leaf, method="triton_chunked")
+    refusals = ld.explain(q.clone().requires_grad_(), k, v, log_decay=log_decay).refusals
+    assert "no backward for per-token decays" in "; ".join(refusals["triton_chunked"])
+    assert "triton_chunked" not in ld.explain(q.clone().requires_grad_(), k, v, log_decay=log_decay[0, :, 0]).refusals
     with pytest.raises(ld.MethodRefusedError, match=r"'triton_recurrent' cannot run .*no gradient support"):
         ld.attention(q, k, v, log_decay=log_decay.requires_grad_(), method="triton_recurrent")
     lam = log_decay.detach()[:, :, 0].requires_grad_()

@@ -92,6 +92,13 @@ class TritonChunked(TritonMethod):
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv)"  # the state stays on chip; the backward stores no per-chunk states
     options = ("chunk_size", "precision")
+    per_token_decay = True  # forward only: the backward kernels take a decay per head
+
+    def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
+        reasons = super().not_supported_reasons(x)
+        if x.per_token and x.requires_grad:  # so that auto picks the torch chunked method for training
+            reasons.append("no backward for per-token decays (an input requires grad); the forward takes them")
+        return reasons
 
     def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, precision: str) -> int:
         return self._state_bytes(x)

@@ -14,6 +14,7 @@ import torch
 import triton.language as tl
 
 from ...decay import finite_log
+from ...gates import negligible
 from ...inputs import compute_dtype_for
 from ..base import empty_output
 from .tile_math import LOW, SPLIT_BF16, SPLIT_TF32, WIDE
@@ -57,6 +58,15 @@ def split_log_decay(log_decay: torch.Tensor) -> torch.Tensor:
     bits = g.view(torch.int64 if g.dtype == torch.float64 else torch.int32)
     hi = (bits & -256).view(g.dtype)
     return torch.stack([hi, g - hi], -1)
+
+
+def token_log_decays(log_decay: torch.Tensor) -> tuple:
+    """The chunked kernels' per-token arguments (g, sgb, sgh, sgn, neg): a (B, H, N) log decay (any strides) and
+    the threshold below which a log decay is a reset (`leetdecoding.gates.negligible`, as the torch methods
+    count them); placeholders for a per-head (H,) one."""
+    if log_decay.ndim != 3:
+        return log_decay, 0, 0, 0, 0.0
+    return log_decay, *log_decay.stride(), negligible(log_decay.dtype)
 
 
 def next_pow2(n: int) -> int:

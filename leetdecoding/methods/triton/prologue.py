@@ -87,3 +87,27 @@ def chunk_span(i_c, T, g_hi, g_lo, c_hi, c_lo, BT: tl.constexpr, ACC: tl.constex
     f_hi = tl.where(n_c == BT, c_hi, tl.exp(g_hi * e_c) * tl.exp(g_lo * e_c))
     f_lo = tl.where(n_c == BT, c_lo, 0)
     return r_t, r_t < T, n_c, b_lam_k, f_hi, f_lo
+
+
+@triton.jit
+def token_decays(p_g, m_t, neg, BT: tl.constexpr, ACC: tl.constexpr):
+    """A chunk's per-token decays (PER_TOKEN): log decays g at p_g (masked by m_t; rows past the chunk read 0, no
+    decay), G their cumulative sum in fp64 with resets (g < neg, `leetdecoding.gates.negligible`) left out and R
+    the number of resets up to each token, so that a factor across a reset is 0 and -inf never enters a sum.
+    Returns what `head_decays` and `chunk_span` give a constant decay: b_lam_ij[t, s] = exp(G_t - G_s) (s <= t, no
+    reset in (s, t]), b_lam_q[t] = exp(G_t), b_lam_k[s] = exp(G_last - G_s) and exp(G_last) as f_hi + f_lo (it
+    compounds over chunks). Every exponent is a difference of fp64 sums, never positive (G does not increase)."""
+    b_g = tl.load(p_g, mask=m_t, other=0).to(tl.float64)
+    reset = b_g < neg
+    b_G = tl.cumsum(tl.where(reset, 0.0, b_g), 0)
+    b_R = tl.cumsum(reset.to(tl.int32), 0)
+    G_last = tl.min(b_G, 0)  # the last token's sum (padding rows add 0)
+    R_last = tl.max(b_R, 0)
+    o_t = tl.arange(0, BT)
+    m_ij = (o_t[:, None] >= o_t[None, :]) & (b_R[:, None] == b_R[None, :])
+    b_lam_ij = tl.where(m_ij, tl.exp(tl.where(m_ij, b_G[:, None] - b_G[None, :], 0).to(ACC)), 0)
+    b_lam_q = tl.where(b_R == 0, tl.exp(b_G.to(ACC)), 0)
+    b_lam_k = tl.where(b_R == R_last, tl.exp((G_last - b_G).to(ACC)), 0)
+    f = tl.where(R_last == 0, tl.exp(G_last), 0.0)
+    f_hi = f.to(ACC)
+    return b_lam_ij, b_lam_q, b_lam_k, f_hi, (f - f_hi.to(tl.float64)).to(ACC)
