@@ -25,7 +25,7 @@ if REGISTRY["triton_recurrent"].unavailable_reason():
 
 DEVICE = "cuda" if torch.cuda.is_available() and REGISTRY["triton_recurrent"].devices == ("cuda",) else "cpu"
 H, DK, DV = 3, 8, 5
-DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.float32]  # fp64: the interpreter only
+DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 METHODS = ["triton_recurrent", "triton_chunked"]
 
 
