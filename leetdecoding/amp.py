@@ -15,11 +15,12 @@ import functools
 import torch
 
 _AVAILABLE: dict[str, bool] = {}  # per device type: asked once, as decode_step runs per token
+_AUTOCAST_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")  # device types with autocast, for traced calls
 
 
 def _has_autocast(device_type: str) -> bool:
-    if torch.compiler.is_compiling():  # not the cache: a traced read of it would guard on its contents
-        return torch.amp.is_autocast_available(device_type)
+    if torch.compiler.is_compiling():  # not the cache (a traced read would guard on its contents), and not
+        return device_type in _AUTOCAST_TYPES  # torch.amp.is_autocast_available, which older dynamo cannot trace
     known = _AVAILABLE.get(device_type)
     if known is None:
         known = _AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)

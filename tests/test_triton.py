@@ -151,6 +151,10 @@ def test_native_varlen_is_one_call(dtype, monkeypatch):
     cu = [0, 0, 1, 50, 130]
     states0 = torch.randn(4, 4, 60, 24, dtype=torch.float64)
     qd, kd, vd = (t.to(dtype).to(DEVICE) for t in (q, k, v))
+    if CUDA and dtype == torch.bfloat16:  # refused on the GPU until its bug is fixed (see TritonChunked)
+        with pytest.raises(ld.MethodRefusedError, match="bfloat16 packed sequences"):
+            ld.attention(qd, kd, vd, DECAYS, method="triton_chunked", cu_seqlens=torch.tensor(cu, device=DEVICE))
+        return
     o, final = ld.attention(
         qd.transpose(1, 2).contiguous().transpose(1, 2), kd, vd, DECAYS, method="triton_chunked",
         cu_seqlens=torch.tensor(cu, device=DEVICE, dtype=torch.int32), initial_state=states0.float().to(DEVICE),

@@ -98,6 +98,11 @@ class TritonChunked(TritonMethod):
         reasons = super().not_supported_reasons(x)
         if x.per_token and x.requires_grad:  # so that auto picks the torch chunked method for training
             reasons.append("no backward for per-token decays (an input requires grad); the forward takes them")
+        if x.offsets is not None and x.dtype == torch.bfloat16 and not INTERPRET:
+            # measured on an H200 (2026-11-30): a wrong final state (2e9 x the tolerance) and, in another run, an
+            # illegal memory access; fp32 / fp16 and bf16 without cu_seqlens passed. Until that is found, packed
+            # bf16 sequences run in the other methods (auto: one sequence at a time).
+            reasons.append("bfloat16 packed sequences (cu_seqlens) fail on the GPU (a known bug, being fixed)")
         return reasons
 
     def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, precision: str) -> int:

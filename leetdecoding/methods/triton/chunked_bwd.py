@@ -35,7 +35,7 @@ from ...inputs import compute_dtype_for
 from .common import INTERPRET, decay_power, dim_block, dot_flags, packed_rows, split_log_decay
 from .launching import chunk_variants, launch, launcher, pipeline_stages, strides, warps
 from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head, sequence
-from .tile_math import SUM, input_dot, mixed_dot, round_to_bf16
+from .tile_math import _sum_combine, input_dot, mixed_dot, round_to_bf16
 
 
 @triton.jit
@@ -91,10 +91,10 @@ def chunked_bwd_dq_kernel(
         tl.store(p_dq0 + r_t[:, None] * K, b_dq.to(dq.dtype.element_ty), mask=m_tk)
         # d log lambda: intra-chunk pairs weighted by t - s, the inter-chunk part by t - p + 1 (no cancellation)
         b_dq_w = mixed_dot(b_dov * b_dist, b_k, True, MODE, PREC) + b_dq_inter * e_q[:, None]
-        b_dg += tl.reduce(b_q.to(ACC) * b_dq_w, 1, SUM)
+        b_dg += tl.reduce(b_q.to(ACC) * b_dq_w, 1, _sum_combine)
         b_st = b_st * f_hi + b_st * f_lo + b_st_add
 
-    tl.store(dg_q + i_bh * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, SUM) * scale)
+    tl.store(dg_q + i_bh * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, _sum_combine) * scale)
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
@@ -150,18 +150,18 @@ def chunked_bwd_dk_kernel(
         # d log lambda: the inter-chunk part of dk weighted by e - 1 - s, the gaps p - e through dH'
         e_e = tl.maximum(n_c - 1 - tl.arange(0, BT), 0).to(ACC)
         b_dk_w = b_dk_inter * e_e[:, None] + mixed_dot(b_dht_gap, b_v, False, MODE, PREC) * b_lam_k[:, None]
-        b_dg += tl.reduce(b_k.to(ACC) * b_dk_w, 1, SUM)
+        b_dg += tl.reduce(b_k.to(ACC) * b_dk_w, 1, _sum_combine)
         b_dht_gap += n_c.to(ACC) * b_dht
         b_dht_gap = b_dht_gap * f_hi + b_dht_gap * f_lo
-        b_dht = b_dht * f_hi + b_dht * f_lo + b_dht_add * scale
+        b_dht = b_dht * f_hi + b_dht * f_lo + (b_dht_add * scale).to(ACC)  # scale: fp64 under torch.compile
 
-    b_dg_sum = tl.reduce(b_dg, 0, SUM)
+    b_dg_sum = tl.reduce(b_dg, 0, _sum_combine)
     if USE_INITIAL_STATE:  # a chunk ending at 0: only its gap to each query counts
         p_ds0 = ds0 + i_bh * K * V + o_v[:, None] + o_k[None, :] * V  # ds0 is contiguous (rows, H, K, V)
         tl.store(p_ds0, b_dht.to(ds0.dtype.element_ty), mask=m_vk)
         p_s0 = s0 + i_n * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
         b_s0t = tl.load(p_s0, mask=m_vk, other=0).to(ACC)
-        b_dg_sum += tl.reduce(tl.reduce(b_s0t * b_dht_gap, 1, SUM), 0, SUM)
+        b_dg_sum += tl.reduce(tl.reduce(b_s0t * b_dht_gap, 1, _sum_combine), 0, _sum_combine)
     tl.store(dg_k + i_bh * tl.num_programs(1) + i_k, b_dg_sum)
 
 
@@ -204,7 +204,7 @@ def chunked_bwd_dv_kernel(
         if ROUND_BF16:
             b_dv = round_to_bf16(b_dv)
         tl.store(p_dv0 + r_t[:, None] * V, b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        b_dh = b_dh * f_hi + b_dh * f_lo + b_dh_add * scale
+        b_dh = b_dh * f_hi + b_dh * f_lo + (b_dh_add * scale).to(ACC)  # scale: fp64 under torch.compile
 
 
 def _bwd_tiles(d_split: int, d_full: int) -> tuple[int, int, int]:

@@ -19,7 +19,7 @@ from ...inputs import compute_dtype_for
 from .common import INTERPRET, decay_power, dim_block, dtype_flags, forward_buffers, split_log_decay
 from .launching import kernel_scale, launcher, scale_fp64, strides, warps
 from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head
-from .tile_math import SUM, round_to_bf16
+from .tile_math import _sum_combine, round_to_bf16
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
@@ -56,14 +56,14 @@ def fleet_fwd_kernel(
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_o, other=0).to(ACC)
         b_x = b_kt[:, :, None] * b_v[None, :, :]  # (BK, BT, BV): the rank-one terms k_t[d] v_t
         b_y = tl.dot(b_lam_ij3, b_x, input_precision=PREC) + b_lam_q[None, :, None] * b_p[:, None, :]  # P_d(t)
-        b_o = tl.reduce(b_qt[:, :, None] * b_y, 0, SUM) * scale  # (BT, BV)
+        b_o = tl.reduce(b_qt[:, :, None] * b_y, 0, _sum_combine) * scale  # (BT, BV)
         if ATOMIC:
             tl.atomic_add(p_o0 + r_t[:, None] * son, b_o, mask=m_o)
         else:
             if ROUND_BF16:
                 b_o = round_to_bf16(b_o)
             tl.store(p_o0 + r_t[:, None] * son, b_o.to(o.dtype.element_ty), mask=m_o)
-        b_p = b_p * f_hi + b_p * f_lo + tl.reduce(b_x * b_lam_k[None, :, None], 1, SUM)
+        b_p = b_p * f_hi + b_p * f_lo + tl.reduce(b_x * b_lam_k[None, :, None], 1, _sum_combine)
 
     if STORE_FINAL_STATE:  # sn is contiguous (B, H, K, V)
         tl.store(sn + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_p.to(sn.dtype.element_ty), mask=m_s)

@@ -18,7 +18,7 @@ from ..base import empty_output
 from .common import INTERPRET, decay_power, dim_block, dtype_flags, forward_buffers
 from .launching import kernel_scale, launcher, scale_fp64, strides, warps
 from .prologue import NO_SPEC, block_range
-from .tile_math import SUM, round_to_bf16
+from .tile_math import _sum_combine, round_to_bf16
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
@@ -66,7 +66,7 @@ def recurrent_fwd_kernel(
             b_lam_hi = b_lam_hi[:, None, None]
             p_g += sgn
         b_s = b_s * b_lam_hi + b_s * b_lam_lo + b_k[:, :, None] * b_v[:, None, :]
-        b_o = tl.reduce(b_q[:, :, None] * b_s, 1, SUM) * scale
+        b_o = tl.reduce(b_q[:, :, None] * b_s, 1, _sum_combine) * scale
         if ROUND_BF16:
             b_o = round_to_bf16(b_o)
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_ov)

@@ -1,7 +1,7 @@
 """In-kernel arithmetic on tiles shared by the Triton kernels: sums, the products that meet an fp32 operand,
 bf16 rounding.
 
-Sums are `tl.reduce(x, axis, SUM)` (the interpreter's numpy fast path: under `TRITON_INTERPRET=1` every nested
+Sums are `tl.reduce(x, axis, _sum_combine)` (the interpreter's numpy fast path: under `TRITON_INTERPRET=1` every nested
 `@triton.jit` call costs about a millisecond) instead of `tl.sum`; on the GPU both compile to the same reduction.
 """
 
@@ -10,8 +10,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# The combine function of tl.sum. `tl.reduce(x, axis, SUM)` is tl.sum without the nested jit call.
-SUM = tl.standard._sum_combine
+# The combine function of tl.sum. `tl.reduce(x, axis, _sum_combine)` is tl.sum without the nested jit call.
+# Under its own name: torch.compile's inductor writes a user kernel out with the jit functions it calls, by their
+# names, so an alias (SUM = ...) is undefined there ("NameError: SUM is not defined" on an H200, 2026-11-30).
+_sum_combine = tl.standard._sum_combine
 
 # how `mixed_dot` multiplies (the MODE flag of the kernels; `common.dot_flags` chooses it)
 WIDE, SPLIT_BF16, SPLIT_TF32, LOW = 0, 1, 2, 3
