@@ -166,24 +166,11 @@ def _regrad(run, inputs: Sequence[Tensor | None], needs: Sequence[bool], grad_ou
 
 @torch.library.custom_op("leetdecoding::attention_backward", mutates_args=())
 def attention_backward_op(
-    do: Tensor,
-    d_state: Tensor | None,
-    d_checkpoints: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    decay: Tensor | None,
-    log_decay: Tensor | None,
-    numbers: list[float] | None,
-    scale: float,
-    initial_state: Tensor | None,
-    output_final_state: bool,
-    cu_seqlens: Tensor | None,
-    offsets: list[int] | None,
-    checkpoints: list[int] | None,
-    method: str,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    do: Tensor, d_state: Tensor | None, d_checkpoints: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+    decay: Tensor | None, log_decay: Tensor | None, numbers: list[float] | None, scale: float,
+    initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None, offsets: list[int] | None,
+    checkpoints: list[int] | None, method: str, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     def run(q, k, v, decay, log_decay, initial_state):
         decay, log_decay = _decays(decay, log_decay, numbers)
         return eager.attention(

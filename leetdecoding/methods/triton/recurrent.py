@@ -25,10 +25,9 @@ from .tile_math import _sum_combine, round_to_bf16
 def recurrent_fwd_kernel(
     q, k, v, o, s0, sn, decay, g, sgb, sgh, sgn, scale, N, BH, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    s0b, s0h, s0k, s0v, snb, snh, snk, snv,
-    BB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, PER_TOKEN: tl.constexpr,
-    ACC: tl.constexpr, ROUND_BF16: tl.constexpr,
+    s0b, s0h, s0k, s0v, snb, snh, snk, snv, BB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, PER_TOKEN: tl.constexpr, ACC: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     # groups of BB batch * heads on the first grid axis (up to 2^31 - 1 programs)
     o_bh, m_bh = block_range(tl.program_id(0), BB, BH)
