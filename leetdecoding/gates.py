@@ -135,20 +135,17 @@ def causal_mask(n: int, device, dtype=torch.bool) -> torch.Tensor:
     return torch.ones(n, n, dtype=dtype, device=device).tril()
 
 
-def shallow_blocks(g: torch.Tensor, size: int) -> bool:
-    """Whether every block of `size` tokens of g (..., N) sums to at least -SHALLOW of g's dtype (one read per
-    call; g is in the compute dtype)."""
+def survey(g: torch.Tensor, size: int) -> tuple[bool, bool]:
+    """(resets, shallow) of a call's log decays g (..., N) in blocks of `size` tokens, from one read of the values:
+    whether any log decay counts as a reset, and whether every block sums to at least -SHALLOW of g's dtype (g is
+    in the compute dtype) with no reset in the call."""
     n = g.shape[-1]
     if n == 0:
-        return True
-    padded = torch.nn.functional.pad(g.detach().to(torch.float64), (0, -n % size))
-    bound = SHALLOW.get(g.dtype, SHALLOW[torch.float32])
-    return bool(padded.unflatten(-1, (-1, size)).sum(-1).min() >= -bound)
-
-
-def has_resets(g: torch.Tensor) -> bool:
-    """Whether any log decay of the call counts as a reset (one read of the values per call)."""
-    return bool((g < negligible(g.dtype)).any())
+        return False, True
+    wide = torch.nn.functional.pad(g.detach().to(torch.float64), (0, -n % size))
+    lowest, least_sum = torch.stack((wide.min(), wide.unflatten(-1, (-1, size)).sum(-1).min())).tolist()
+    resets = lowest < negligible(g.dtype)
+    return resets, not resets and least_sum >= -SHALLOW.get(g.dtype, SHALLOW[torch.float32])
 
 
 def _exp_where(exponent: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -101,3 +101,33 @@ class PlainAutogradFence(torch.autograd.Function):
             return (None, *twice_differentiable_grads(ctx.run, ctx.saved_tensors, needs, grads))
         # retain_graph: the outer graph may be walked again (retain_graph there); the inner graph goes with ctx
         return (None, *_input_grads(ctx.outputs, ctx.leaves, needs, grads, retain_graph=True))
+
+
+class RecurrenceFunction(torch.autograd.Function):
+    """The recurrence with its own backward, for a decay per head (methods.recurrent) or per token
+    (methods.gated): `kernels` = (fwd, bwd), fwd(q, k, v, log_decay, scale, initial_state, save, in_place=True)
+    -> (o, final state, saved states), bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state) ->
+    (dq, dk, dv, d log_decay, d initial_state). Under create_graph=True the backward differentiates fwd again
+    (in_place=False, a state per token), so that second derivatives are exact."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, kernels):
+        o, final, saved = kernels[0](q, k, v, log_decay, scale, initial_state, True)
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
+        ctx.scale, ctx.kernels = scale, kernels
+        return o, final
+
+    @staticmethod
+    @backward_without_autocast
+    def backward(ctx, do, d_final):
+        q, k, v, log_decay, initial_state, *saved = ctx.saved_tensors
+        fwd, bwd = ctx.kernels
+        inputs = (q, k, v, log_decay, initial_state)
+        if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
+
+            def forward(q, k, v, log_decay, initial_state):
+                return fwd(q, k, v, log_decay, ctx.scale, initial_state, False, in_place=False)[:2]
+
+            return *twice_differentiable_grads(forward, inputs, ctx.needs_input_grad[:5], (do, d_final)), None, None
+        dq, dk, dv, dg, ds0 = bwd(q, k, v, log_decay, ctx.scale, saved, do, d_final, initial_state)
+        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from ..amp import backward_without_autocast
-from ..gates import Sums, causal_mask, has_resets, shallow_blocks
+from ..gates import Sums, causal_mask, survey
 from ..inputs import AttentionInputs
-from .autograd import PlainAutogradFence, refuse_double_backward
+from .autograd import PlainAutogradFence, RecurrenceFunction
 from .base import output_buffer, zero_states
 
 
@@ -64,8 +63,7 @@ def forward_blocks(x: AttentionInputs, size: int):
     """(o in the input dtype, final state) of the blocks of `size` tokens in turn (size >= N: one block),
     differentiable by autograd inside one node."""
     cd, n = x.compute_dtype, x.seq_len
-    resets = has_resets(x.log_decay)
-    shallow = not resets and shallow_blocks(x.log_decay, size)
+    resets, shallow = survey(x.log_decay, size)
     causal = causal_mask(min(size, max(n, 1)), x.device, cd if shallow else torch.bool)
 
     def sums(g: torch.Tensor) -> Sums:
@@ -90,7 +88,7 @@ def forward_blocks(x: AttentionInputs, size: int):
     return out, state
 
 
-# ----- the recurrence, with its own backward -----
+# ----- the recurrence, with its own backward (autograd.RecurrenceFunction) -----
 
 CHECKPOINT_EVERY = 64  # the forward keeps the state every this many tokens for the backward to restart from
 
@@ -100,7 +98,9 @@ def _step(state, q_t, k_t, v_t, lam):
     return (q_t.unsqueeze(-2) @ new).squeeze(-2), new
 
 
-def recurrent_fwd(q, k, v, g, scale, initial_state, save):
+def recurrent_fwd(q, k, v, g, scale, initial_state, save, in_place=False):
+    """(o, final state, the state before every CHECKPOINT_EVERY-th token if save). A new state per token
+    (differentiable by autograd); `in_place` is the per-head recurrence's option, with nothing to do here."""
     cd = initial_state.dtype
     lam = torch.exp(g.to(torch.float64)).to(cd)  # (B, H, N), each factor once
     state, saved = initial_state, []
@@ -138,27 +138,10 @@ def recurrent_bwd(q, k, v, g, scale, saved, do, d_final, initial_state):
     return dq, dk, dv, dg.to(g.dtype), grad
 
 
-class GatedRecurrentFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale):
-        o, final, saved = recurrent_fwd(q, k, v, g, scale, initial_state, True)
-        ctx.save_for_backward(q, k, v, g, initial_state, *saved)
-        ctx.scale = scale
-        return o, final
-
-    @staticmethod
-    @backward_without_autocast
-    def backward(ctx, do, d_final):
-        q, k, v, g, initial_state, *saved = ctx.saved_tensors
-        grads = recurrent_bwd(q, k, v, g, ctx.scale, saved, do, d_final, initial_state)
-        grads = refuse_double_backward("recurrent (per-token decay)", grads, (q, k, v, g, initial_state, do))
-        return (*grads, None)
-
-
 def recurrent(x: AttentionInputs):
     """(o, final state) of the recurrence with per-token decays."""
     s0 = _initial(x)
     if x.requires_grad:
-        return GatedRecurrentFunction.apply(x.q, x.k, x.v, x.log_decay, s0, x.scale)
+        return RecurrenceFunction.apply(x.q, x.k, x.v, x.log_decay, s0, x.scale, (recurrent_fwd, recurrent_bwd))
     with torch.no_grad():
         return recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.scale, s0, False)[:2]

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ..amp import backward_without_autocast
 from ..inputs import AttentionInputs
 from ..memo import ValueMemo, tracing
 from . import gated
-from .autograd import twice_differentiable_grads
+from .autograd import RecurrenceFunction
 from .base import Method, elem_bytes, output_buffer, with_margin
 from .decay_math import decay_factor
 
@@ -150,31 +149,6 @@ def recurrent_bwd(q, k, v, log_decay, scale, saved, do, d_final, initial_state):
     return dq, dk, dv, d_log.sum(0).to(cd), grad
 
 
-class RecurrentFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale):
-        o, final, saved = recurrent_fwd(q, k, v, log_decay, scale, initial_state, True)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
-        ctx.scale = scale
-        return o, final
-
-    @staticmethod
-    @backward_without_autocast
-    def backward(ctx, do, d_final):
-        q, k, v, log_decay, initial_state, *saved = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
-
-            def forward(q, k, v, log_decay, initial_state):
-                return recurrent_fwd(q, k, v, log_decay, ctx.scale, initial_state, False, in_place=False)[:2]
-
-            grads = twice_differentiable_grads(
-                forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
-            )
-            return *grads, None
-        dq, dk, dv, dg, ds0 = recurrent_bwd(q, k, v, log_decay, ctx.scale, saved, do, d_final, initial_state)
-        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None
-
-
 class Recurrent(Method):
     name = "recurrent"
     algorithm = "causal dot product: one state update per token"
@@ -192,7 +166,9 @@ class Recurrent(Method):
         if x.per_token:
             o, state = gated.recurrent(x)
         elif x.requires_grad:
-            o, state = RecurrentFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale)
+            o, state = RecurrenceFunction.apply(
+                x.q, x.k, x.v, x.log_decay, x.initial_state, x.scale, (recurrent_fwd, recurrent_bwd)
+            )
         else:
             o, state, _ = recurrent_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, False)
         return o, (state if x.output_final_state else None)
