@@ -12,6 +12,7 @@ from leetdecoding.methods.naive import reference, reference_closed_form
 from leetdecoding.nn import DecayingLinearAttention, LinearAttentionCache
 
 from .reference import assert_close
+from .test_decay_cache import layer_reference
 
 BACKENDS = ["aot_eager", "inductor"]
 H, DK, DV = 3, 8, 4
@@ -102,7 +103,7 @@ def test_decode_step_in_place_compiles(backend):
     assert_close("decode state", state, ref.state, ref.state_abs, torch.float32)
 
 
-def test_a_layer_with_a_cache_compiles_and_prefill_plus_decode_matches_eager():
+def test_a_layer_with_a_cache_compiles_and_prefill_plus_decode_matches_eager(monkeypatch):
     torch.manual_seed(0)
     layer = DecayingLinearAttention(16, 2, dtype=torch.float64)
     x = torch.randn(2, 9, 16, dtype=torch.float64)
@@ -112,8 +113,12 @@ def test_a_layer_with_a_cache_compiles_and_prefill_plus_decode_matches_eager():
 
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     cache, eager_cache = LinearAttentionCache(), LinearAttentionCache()
+    outs = []
     for part in (x[:, :8], x[:, 8:]):  # prefill, then one decode token through the cache
-        assert torch.allclose(compiled(part, cache), run(part, eager_cache), rtol=0, atol=1e-12)
+        outs.append(compiled(part, cache))
+        assert torch.allclose(outs[-1], run(part, eager_cache), rtol=0, atol=1e-12)
+    ref = layer_reference(layer, x, monkeypatch)  # the layer with the fp64 recurrence as its attention
+    assert torch.allclose(torch.cat(outs, 1), ref, rtol=1e-10, atol=1e-10)
     assert torch.allclose(cache.get(0), eager_cache.get(0), rtol=0, atol=1e-12)
     whole = run(x, None)
     assert torch.allclose(compiled(x[:, :1], None), whole[:, :1], atol=1e-12)
