@@ -1,7 +1,9 @@
 """Per-token decays (leetdecoding.gates) in the Triton kernels against the fp64 recurrence: the forward of
 triton_recurrent and triton_chunked, and the fused decode step, fp32 and fp64, with no decay, tiny, strong and
 reset log decays (0, -1e-7, -30, -1e4, -inf) mixed in, initial and final states, packed sequences, a strided
-decay, decode steps continuing a prefill; the refusal of per-token decays that require grad.
+decay, decode steps continuing a prefill; triton_chunked's backward (q, k, v, initial state and the per-token log
+decays, packed sequences too) against autograd of an fp64 recurrence; the refusal of per-token decays that require
+grad by the methods without a backward.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py): the problems are tiny.
 """
@@ -17,6 +19,7 @@ import leetdecoding as ld  # noqa: E402
 from leetdecoding.inputs import validate  # noqa: E402
 from leetdecoding.methods import REGISTRY  # noqa: E402
 from leetdecoding.methods.naive import reference  # noqa: E402
+from leetdecoding.methods.triton import chunked_bwd  # noqa: E402
 
 from .reference import assert_close  # noqa: E402
 
@@ -148,6 +151,82 @@ def test_decode_step_with_a_decay_form_and_a_new_state():
     assert not torch.equal(state, s0)  # a new tensor: s0 is untouched
 
 
+# ----- triton_chunked's backward -----
+
+GRAD_DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.float32]
+
+
+@pytest.fixture
+def backward_chunks_of_16(monkeypatch):
+    """Under the interpreter the backward walks chunks of 16, so that short sequences cross chunk borders."""
+    monkeypatch.setattr(chunked_bwd, "INTERPRET_CHUNK", 16)
+
+
+def recurrence(q, k, v, log_decay, s0, scale):
+    """The operator token by token in fp64, differentiable in every input (exp(-inf) = 0 forgets the state and
+    gets a zero gradient): o and the final state."""
+    state = s0
+    outs = []
+    for t in range(q.shape[2]):
+        kv = k[:, :, t, :, None] * v[:, :, t, None, :]
+        state = torch.exp(log_decay[:, :, t, None, None]) * state + kv
+        outs.append(scale * (q[:, :, t, None, :] @ state).squeeze(-2))
+    return (torch.stack(outs, 2) if outs else v.new_zeros(*q.shape[:3], v.shape[-1])), state
+
+
+def assert_grads_close(got, want, dtype):
+    """fp64: to 1e-10 as the torch methods' tests (tests/test_per_token.py); fp32: to 1e-4 of the largest entry."""
+    for name, a, b in zip(("q", "k", "v", "log_decay", "initial_state"), got, want):
+        atol = 1e-10 if dtype == torch.float64 else 1e-4 * b.abs().max().item()
+        assert a.dtype == (dtype if name in "qkv" else b.dtype if dtype == torch.float64 else torch.float32)
+        assert torch.allclose(a.cpu().double(), b, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=atol), name
+
+
+def leaves_of(tensors, dtype=None):
+    return [t.detach().clone().to(dtype=dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+def test_chunked_gradients_match_autograd_of_the_fp64_recurrence(dtype, backward_chunks_of_16):
+    """N = 37 (not a multiple of the chunk), Dk != Dv, log decays 0, -1e-7, -30, -1e4, -inf at token 0, at chunk
+    edges (15, 16, 31, 32) and at the last token, an initial state, a loss on the output and the final state."""
+    q, k, v, log_decay, s0 = problem(n=37, dtype=dtype)
+    for i, t in enumerate([31, 32, 36, 33, 34]):
+        log_decay[i % 2, (i + 1) % H, t] = [-30.0, float("-inf"), -1e-7, -1e4, 0.0][i]
+    w = torch.randn(*q.shape[:3], DV, dtype=torch.float64)
+    w_state = torch.randn(*s0.shape, dtype=torch.float64)
+    got_leaves = leaves_of((q, k, v, log_decay, s0))
+    o, state = ld.attention(*got_leaves[:3], log_decay=got_leaves[3], initial_state=got_leaves[4], scale=0.7,
+                            output_final_state=True, method="triton_chunked")  # fmt: skip
+    loss = (o * w.to(DEVICE, o.dtype)).sum() + (state * w_state.to(DEVICE, state.dtype)).sum()
+    got = torch.autograd.grad(loss, got_leaves)
+    leaves = leaves_of([t.cpu() for t in (q, k, v, log_decay, s0)], torch.float64)
+    o, state = recurrence(*leaves, 0.7)
+    want = torch.autograd.grad((o * w).sum() + (state * w_state).sum(), leaves)
+    assert_grads_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+def test_chunked_gradients_of_packed_sequences(dtype, backward_chunks_of_16):
+    """(1, H, T) log decays with cu_seqlens: each sequence's gradients from its own initial state and final state,
+    a one-token and an empty sequence among them."""
+    q, k, v, log_decay, _ = problem(b=1, n=40, dtype=dtype)
+    cuts = [0, 1, 18, 18, 40]
+    s0 = problem(b=len(cuts) - 1, n=1, dtype=dtype)[4]
+    cu = torch.tensor(cuts, dtype=torch.int32, device=DEVICE)
+    got_leaves = leaves_of((q, k, v, log_decay, s0))
+    o, states = ld.attention(*got_leaves[:3], log_decay=got_leaves[3], cu_seqlens=cu, initial_state=got_leaves[4],
+                             output_final_state=True, method="triton_chunked")  # fmt: skip
+    got = torch.autograd.grad(o.sum() + states.pow(2).sum(), got_leaves)
+    leaves = leaves_of([t.cpu() for t in (q, k, v, log_decay, s0)], torch.float64)
+    loss = 0
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        part = [t[:, :, a:b] for t in leaves[:4]]
+        o, state = recurrence(*part, leaves[4][i : i + 1], 1.0)
+        loss = loss + o.sum() + state.pow(2).sum()
+    assert_grads_close(got, torch.autograd.grad(loss, leaves), dtype)
+
+
 # ----- what the methods declare -----
 
 
@@ -161,14 +240,12 @@ def test_explain_shows_which_triton_methods_take_per_token_decays():
     assert REGISTRY["triton_recurrent"].info()["per_token_decay"]
 
 
-def test_per_token_decays_that_require_grad_are_refused_with_a_reason():
+def test_per_token_decays_that_require_grad_are_refused_by_the_methods_without_a_backward():
+    """triton_chunked trains with per-token decays (its backward is tested above); triton_recurrent and the decode
+    step have no backward and say so."""
     q, k, v, log_decay, _ = problem(n=5)
-    leaf = log_decay.clone().requires_grad_()
-    with pytest.raises(ld.MethodRefusedError, match=r"'triton_chunked' cannot run .*no backward for per-token"):
-        ld.attention(q, k, v, log_decay=leaf, method="triton_chunked")
-    refusals = ld.explain(q.clone().requires_grad_(), k, v, log_decay=log_decay).refusals
-    assert "no backward for per-token decays" in "; ".join(refusals["triton_chunked"])
-    assert "triton_chunked" not in ld.explain(q.clone().requires_grad_(), k, v, log_decay=log_decay[0, :, 0]).refusals
+    for decay in (log_decay, log_decay.clone().requires_grad_()):
+        assert "triton_chunked" not in ld.explain(q.clone().requires_grad_(), k, v, log_decay=decay).refusals
     with pytest.raises(ld.MethodRefusedError, match=r"'triton_recurrent' cannot run .*no gradient support"):
         ld.attention(q, k, v, log_decay=log_decay.requires_grad_(), method="triton_recurrent")
     lam = log_decay.detach()[:, :, 0].requires_grad_()

@@ -123,10 +123,12 @@ def _tensors(dtype, dk, dv, N=100):
     return q, k, v, torch.full((H,), -0.01), torch.randn(B, H, dk, dv)
 
 
-def _chunked(dtype, dk, dv, precision, N=100):
+def _chunked(dtype, dk, dv, precision, N=100, per_token=False):
     from ..methods.triton import chunked_bwd, chunked_fwd
 
     q, k, v, ld, s0 = _tensors(dtype, dk, dv, N)
+    if per_token:  # (B, H, N) log decays: the kernels' PER_TOKEN mode
+        ld = ld[None, :, None].expand(q.shape[0], -1, N).contiguous()
     o, _ = chunked_fwd.forward(q, k, v, ld, s0, 1.0, True, 64, precision)
     chunked_bwd.backward(q, k, v, ld, s0, s0, torch.randn_like(o), s0, 1.0, precision)
 
@@ -178,9 +180,12 @@ def cases(quick: bool):
         out += [(f"chunked {name} {p}", _chunked, (dtype, dk, dv, p)) for p in precisions]
         out += [(f"recurrent+decode {name}", _recurrent, (dtype, dk, dv)), (f"fleet {name}", _fleet, (dtype, dk, dv))]
     out.append(("chunked varlen bfloat16 128x128", _chunked_varlen, (bf16, 128, 128)))
+    out += [(f"chunked per-token {dtype_name(d)} 128x128", _chunked, (d, 128, 128, "accurate", 100, True))
+            for d in (f32, bf16)]  # fmt: skip
     for n in (100, 1024, 1):  # N % 16 == 0 and N == 1 are what Triton would specialise on: no new binary
         out += [(f"{LENGTHS} N={n} chunked", _chunked, (bf16, 128, 128, "accurate", n))]
         out += [(f"{LENGTHS} N={n} varlen", _chunked_varlen, (bf16, 128, 128, n))]
+        out += [(f"{LENGTHS} N={n} per-token", _chunked, (bf16, 128, 128, "accurate", n, True))]
         out += [(f"{LENGTHS} N={n} recurrent", _recurrent, (bf16, 128, 128, n))]
         out += [(f"{LENGTHS} N={n} fleet", _fleet, (bf16, 128, 128, n))]
     return out

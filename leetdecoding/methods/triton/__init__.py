@@ -92,12 +92,10 @@ class TritonChunked(TritonMethod):
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
     memory_complexity = "O(Dk Dv)"  # the state stays on chip; the backward stores no per-chunk states
     options = ("chunk_size", "precision")
-    per_token_decay = True  # forward only: the backward kernels take a decay per head
+    per_token_decay = True  # forward and backward (PER_TOKEN in both kernels' modules), packed sequences too
 
     def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
         reasons = super().not_supported_reasons(x)
-        if x.per_token and x.requires_grad:  # so that auto picks the torch chunked method for training
-            reasons.append("no backward for per-token decays (an input requires grad); the forward takes them")
         if x.offsets is not None and x.dtype == torch.bfloat16 and not INTERPRET:
             # measured on an H200 (2026-11-30): a wrong final state (2e9 x the tolerance) and, in another run, an
             # illegal memory access; fp32 / fp16 and bf16 without cu_seqlens passed. Until that is found, packed

@@ -20,6 +20,21 @@ a query t in a chunk starting at p and a key s in an earlier chunk ending at e, 
 dH' weights each later query by its gap p - e; the final state is a query starting a chunk at p = T (each
 sequence's own length T), so it needs no term of its own.
 
+With per-token decays (PER_TOKEN) the kernels take each chunk's factors from `prologue.token_decays`, as the
+forward does (exp(G_t - G_s), exp(G_t), exp(G_last - G_s), exp(G_last) for lambda^(i-j), lambda^(i+1),
+lambda^(L-1-j), lambda^L), which gives dq, dk, dv and dS_0 unchanged. d log lambda_u is the sum of every term of the
+loss whose factor spans token u (a pair s < u <= t, with the initial state as s = -1 and the final state as t = N):
+
+    dA_t = q_t . dq_t - k_t . dk_t                      (the gradient w.r.t. the cumulative sum at t)
+    d log lambda_u = sum_{t >= u in the sequence} dA_t + <S_N, dS_N>,         0 for a reset (g_u < `negligible`)
+
+(a pair with u <= s <= t is in both q_t . dq_t and k_s . dk_s and cancels). fla's chunk_simple_gla backward
+(fla/ops/simple_gla/chunk.py) computes dg the same way from q dq - k dk, with per-chunk states for the last
+token's term; here the dq kernel stores q_t . dq_t per token and Dk block (fp32), and the dk kernel, walking
+backwards, subtracts k_t . dk_t, sums within the chunk in reverse and adds the carry (<S_N, dS_N> then each later
+chunk's sum of dA), so no state is stored. Its absolute error is about eps x the size of the terms summed (the
+cancelling pairs included), like the torch methods' autograd through exp(G).
+
 Nothing of size N Dk Dv (not even per-chunk states) is stored: memory is the inputs, outputs and their grads.
 Names as in `chunked_fwd` (K and V the head dims; dq, dk, dv the gradients' pointers and b_dq, b_dk, b_dv their
 tiles).
@@ -32,9 +47,9 @@ import triton
 import triton.language as tl
 
 from ...inputs import compute_dtype_for
-from .common import INTERPRET, decay_power, dim_block, dot_flags, packed_rows, split_log_decay
+from .common import INTERPRET, decay_power, dim_block, dot_flags, packed_rows, split_log_decay, token_log_decays
 from .launching import chunk_variants, launch, launcher, pipeline_stages, strides, warps
-from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head, sequence
+from .prologue import NO_SPEC, block_range, chunk_decays, head_decays, program_head, sequence
 from .tile_math import _sum_combine, input_dot, mixed_dot, round_to_bf16
 
 
@@ -45,15 +60,30 @@ def distances(BT: tl.constexpr, ACC: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], o_t[:, None] - o_t[None, :], 0).to(ACC)
 
 
+@triton.jit
+def token_decay_grad(p_dgt, b_k, b_dk, b_carry, p_g, m_t, neg, BT: tl.constexpr, ACC: tl.constexpr):
+    """PER_TOKEN: a chunk's d log lambda_u for one Dk block, in the dk kernel's backward walk (module docstring).
+    dA_t = q_t . dq_t (stored at p_dgt by the dq kernel) - k_t . dk_t; d log lambda_u = sum_{t >= u in the chunk}
+    dA_t + b_carry (every entry: <S_N, dS_N> plus the later chunks' dA), 0 for a reset (g_u < neg: its factors
+    are 0 whatever g_u). Stored over the query side at p_dgt; returns the carry for the chunk before."""
+    b_da = tl.load(p_dgt, mask=m_t, other=0) - tl.reduce(b_k.to(ACC) * b_dk, 1, _sum_combine)
+    o_t = tl.arange(0, BT)
+    b_rev = tl.reduce(tl.where(o_t[None, :] >= o_t[:, None], b_da[None, :], 0), 1, _sum_combine)
+    b_g = tl.load(p_g, mask=m_t, other=0)
+    tl.store(p_dgt, tl.where(b_g < neg, 0, b_rev + b_carry), mask=m_t)
+    return b_carry + tl.reduce(b_da, 0, _sum_combine)
+
+
 @triton.jit(do_not_specialize=NO_SPEC)
 def chunked_bwd_dq_kernel(
-    q, k, v, do, dq, s0, dg_q, log_decay, decay, cu_seqlens, scale, N, H, K, V,
+    q, k, v, do, dq, s0, dg_q, dgt, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale, N, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, VARLEN: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    PER_TOKEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dq for one Dk block (all of Dv), walking forwards with S^T (V x BK); also this block's share of
-    d log lambda's query-side terms (the module docstring)."""
+    d log lambda's query-side terms (the module docstring): per head summed, per token q_t . dq_t into dgt."""
     i_bh, i_b, i_h = program_head(H)
     g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q = head_decays(log_decay, decay, i_h, BT, ACC)
     i_b, bos, T, i_n = sequence(cu_seqlens, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
@@ -65,6 +95,9 @@ def chunked_bwd_dq_kernel(
     o_v, m_v = block_range(0, BV, V)
     p_v0 = v + i_b * svb + i_h * svh + bos * svn + o_v[:, None] * svd  # v loaded transposed (BV, BT)
     p_do0 = do + i_b * sdb + i_h * sdh + bos * sdn + o_v[None, :] * sdd
+    p_g0 = g + i_b * sgb + i_h * sgh + bos * sgn  # per-token log decays (PER_TOKEN)
+    nk = tl.num_programs(1)
+    p_dgt0 = dgt + ((i_b * H + i_h) * N + bos) * nk + i_k  # dgt is contiguous (B, H, N, Dk blocks), ACC
 
     b_st = tl.zeros([BV, BK], dtype=ACC)  # S^T for this Dk block
     if USE_INITIAL_STATE:
@@ -75,40 +108,46 @@ def chunked_bwd_dq_kernel(
     e_q = (tl.arange(0, BT) + 1).to(ACC)  # t - p + 1: a query's distance to the state entering its chunk
 
     for i_c in range(0, (T + BT - 1) // BT):
-        r_t, m_t, n_c, b_lam_k, f_hi, f_lo = chunk_span(i_c, T, g_hi, g_lo, c_hi, c_lo, BT, ACC)
+        r_t, m_t, n_c, b_w_ij, b_w_q, b_lam_k, f_hi, f_lo = chunk_decays(
+            i_c, T, g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q, p_g0, sgn, neg, BT, ACC, PER_TOKEN
+        )
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_tk, other=0)
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_tk, other=0)
         b_vt = tl.load(p_v0 + r_t[None, :] * svn, mask=m_v[:, None] & m_t[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_t[:, None] & m_v[None, :], other=0)
-        b_dov = input_dot(b_do, b_vt, NATIVE_QK, ACC, PREC) * b_lam_ij  # decayed causal (do_i . v_j)
+        b_dov = input_dot(b_do, b_vt, NATIVE_QK, ACC, PREC) * b_w_ij  # decayed causal (do_i . v_j)
         b_k_end = b_k.to(ACC) * b_lam_k[:, None]  # k_j decayed to the chunk's last token
-        b_dq_inter = mixed_dot(b_st, b_do, False, MODE, PREC) * b_lam_q[:, None]  # through the carried state
+        b_dq_inter = mixed_dot(b_st, b_do, False, MODE, PREC) * b_w_q[:, None]  # through the carried state
         b_dq = (mixed_dot(b_dov, b_k, True, MODE, PREC) + b_dq_inter) * scale
         b_st_add = mixed_dot(b_k_end, b_vt, False, MODE, PREC)
+        if PER_TOKEN:  # q_t . dq_t (unrounded): the query side of dA_t
+            tl.store(p_dgt0 + r_t * nk, tl.reduce(b_q.to(ACC) * b_dq, 1, _sum_combine), mask=m_t)
+        else:  # d log lambda: intra-chunk pairs weighted by t - s, the inter-chunk part by t - p + 1 (no cancellation)
+            b_dq_w = mixed_dot(b_dov * b_dist, b_k, True, MODE, PREC) + b_dq_inter * e_q[:, None]
+            b_dg += tl.reduce(b_q.to(ACC) * b_dq_w, 1, _sum_combine)
         if ROUND_BF16:
             b_dq = round_to_bf16(b_dq)
         tl.store(p_dq0 + r_t[:, None] * K, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-        # d log lambda: intra-chunk pairs weighted by t - s, the inter-chunk part by t - p + 1 (no cancellation)
-        b_dq_w = mixed_dot(b_dov * b_dist, b_k, True, MODE, PREC) + b_dq_inter * e_q[:, None]
-        b_dg += tl.reduce(b_q.to(ACC) * b_dq_w, 1, _sum_combine)
         b_st = b_st * f_hi + b_st * f_lo + b_st_add
 
-    tl.store(dg_q + i_bh * tl.num_programs(1) + i_k, tl.reduce(b_dg, 0, _sum_combine) * scale)
+    tl.store(dg_q + i_bh * nk + i_k, tl.reduce(b_dg, 0, _sum_combine) * scale)  # per token: unused
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
 def chunked_bwd_dk_kernel(
-    q, k, v, do, dk, dsn, s0, ds0, dg_k, log_decay, decay, cu_seqlens, scale, N, H, K, V,
+    q, k, v, do, dk, dsn, s0, ds0, dg_k, dgt, fin, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale,
+    N, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     snb, snh, snk, snv, s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_FINAL_GRAD: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, VARLEN: tl.constexpr,
+    USE_FINAL_GRAD: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, VARLEN: tl.constexpr, PER_TOKEN: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dk for one Dk block (all of Dv), walking backwards with dH^T (V x BK) and its gap-weighted twin dH'^T;
     also dS_0 (with an initial state) and this block's share of d log lambda's key-side terms (the module
-    docstring)."""
+    docstring): per head summed into dg_k, per token completed in dgt (`token_decay_grad`); fin: <S_N, dS_N> per
+    sequence and head (PER_TOKEN with USE_FINAL_GRAD)."""
     i_bh, i_b, i_h = program_head(H)
     g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q = head_decays(log_decay, decay, i_h, BT, ACC)
     i_b, bos, T, i_n = sequence(cu_seqlens, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
@@ -122,55 +161,68 @@ def chunked_bwd_dk_kernel(
     p_v0 = v + i_b * svb + i_h * svh + bos * svn + o_v[None, :] * svd
     p_do0 = do + i_b * sdb + i_h * sdh + bos * sdn + o_v[:, None] * sdd  # do loaded transposed (BV, BT)
     p_dk0 = dk + ((i_b * H + i_h) * N + bos) * K + o_k[None, :]
+    p_g0 = g + i_b * sgb + i_h * sgh + bos * sgn  # per-token log decays (PER_TOKEN)
+    nk = tl.num_programs(1)
+    p_dgt0 = dgt + ((i_b * H + i_h) * N + bos) * nk + i_k  # dgt is contiguous (B, H, N, Dk blocks), ACC
 
     b_dht = tl.zeros([BV, BK], dtype=ACC)  # dH^T for this Dk block
     if USE_FINAL_GRAD:
         p_dsn = dsn + i_n * snb + i_h * snh + o_v[:, None] * snv + o_k[None, :] * snk
         b_dht = tl.load(p_dsn, mask=m_vk, other=0).to(ACC)
     b_dht_gap = tl.zeros([BV, BK], dtype=ACC)  # dH'^T: 0 after the last chunk (the final state's gap is 0)
-    b_dg = tl.zeros([BT], dtype=ACC)
+    b_dg = tl.zeros([BT], dtype=ACC)  # per token: the carry (all entries equal), from the final state's term
+    if PER_TOKEN and USE_FINAL_GRAD:
+        b_dg += tl.where(i_k == 0, tl.load(fin + i_bh), 0)  # once per sequence and head, in the first Dk block
 
     n_chunks = (T + BT - 1) // BT
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
-        r_t, m_t, n_c, b_lam_k, f_hi, f_lo = chunk_span(i_c, T, g_hi, g_lo, c_hi, c_lo, BT, ACC)
+        r_t, m_t, n_c, b_w_ij, b_w_q, b_lam_k, f_hi, f_lo = chunk_decays(
+            i_c, T, g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q, p_g0, sgn, neg, BT, ACC, PER_TOKEN
+        )
+        b_w_ji = tl.trans(b_w_ij) if PER_TOKEN else b_lam_ji
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_tk, other=0)
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_tk, other=0)
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)
         b_dot = tl.load(p_do0 + r_t[None, :] * sdn, mask=m_v[:, None] & m_t[None, :], other=0)  # do^T
-        b_vdo = input_dot(b_v, b_dot, NATIVE_QK, ACC, PREC) * b_lam_ji  # decayed anti-causal (v_j . do_i)
-        b_q_start = b_q.to(ACC) * b_lam_q[:, None]  # q_i decayed from the state entering the chunk
+        b_vdo = input_dot(b_v, b_dot, NATIVE_QK, ACC, PREC) * b_w_ji  # decayed anti-causal (v_j . do_i)
+        b_q_start = b_q.to(ACC) * b_w_q[:, None]  # q_i decayed from the state entering the chunk
         b_dk_inter = mixed_dot(b_dht, b_v, False, MODE, PREC) * b_lam_k[:, None]  # through dH
         b_dk = mixed_dot(b_vdo, b_q, True, MODE, PREC) * scale + b_dk_inter
         b_dht_add = mixed_dot(b_q_start, b_dot, False, MODE, PREC)
+        if PER_TOKEN:  # dA_t = q_t . dq_t - k_t . dk_t (unrounded), summed backwards into d log lambda
+            b_dg = token_decay_grad(p_dgt0 + r_t * nk, b_k, b_dk, b_dg, p_g0 + r_t * sgn, m_t, neg, BT, ACC)
+        else:  # d log lambda: the inter-chunk part of dk weighted by e - 1 - s, the gaps p - e through dH'
+            e_e = tl.maximum(n_c - 1 - tl.arange(0, BT), 0).to(ACC)
+            b_dk_w = b_dk_inter * e_e[:, None] + mixed_dot(b_dht_gap, b_v, False, MODE, PREC) * b_lam_k[:, None]
+            b_dg += tl.reduce(b_k.to(ACC) * b_dk_w, 1, _sum_combine)
+            b_dht_gap += n_c.to(ACC) * b_dht
+            b_dht_gap = b_dht_gap * f_hi + b_dht_gap * f_lo
         if ROUND_BF16:
             b_dk = round_to_bf16(b_dk)
         tl.store(p_dk0 + r_t[:, None] * K, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-        # d log lambda: the inter-chunk part of dk weighted by e - 1 - s, the gaps p - e through dH'
-        e_e = tl.maximum(n_c - 1 - tl.arange(0, BT), 0).to(ACC)
-        b_dk_w = b_dk_inter * e_e[:, None] + mixed_dot(b_dht_gap, b_v, False, MODE, PREC) * b_lam_k[:, None]
-        b_dg += tl.reduce(b_k.to(ACC) * b_dk_w, 1, _sum_combine)
-        b_dht_gap += n_c.to(ACC) * b_dht
-        b_dht_gap = b_dht_gap * f_hi + b_dht_gap * f_lo
         b_dht = b_dht * f_hi + b_dht * f_lo + (b_dht_add * scale).to(ACC)  # scale: fp64 under torch.compile
 
-    b_dg_sum = tl.reduce(b_dg, 0, _sum_combine)
-    if USE_INITIAL_STATE:  # a chunk ending at 0: only its gap to each query counts
+    if USE_INITIAL_STATE:
         p_ds0 = ds0 + i_bh * K * V + o_v[:, None] + o_k[None, :] * V  # ds0 is contiguous (rows, H, K, V)
         tl.store(p_ds0, b_dht.to(ds0.dtype.element_ty), mask=m_vk)
-        p_s0 = s0 + i_n * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
-        b_s0t = tl.load(p_s0, mask=m_vk, other=0).to(ACC)
-        b_dg_sum += tl.reduce(tl.reduce(b_s0t * b_dht_gap, 1, _sum_combine), 0, _sum_combine)
-    tl.store(dg_k + i_bh * tl.num_programs(1) + i_k, b_dg_sum)
+    if not PER_TOKEN:
+        b_dg_sum = tl.reduce(b_dg, 0, _sum_combine)
+        if USE_INITIAL_STATE:  # a chunk ending at 0: only its gap to each query counts
+            p_s0 = s0 + i_n * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
+            b_s0t = tl.load(p_s0, mask=m_vk, other=0).to(ACC)
+            b_dg_sum += tl.reduce(tl.reduce(b_s0t * b_dht_gap, 1, _sum_combine), 0, _sum_combine)
+        tl.store(dg_k + i_bh * nk + i_k, b_dg_sum)
 
 
 @triton.jit(do_not_specialize=NO_SPEC)
 def chunked_bwd_dv_kernel(
-    q, k, do, dv, dsn, log_decay, decay, cu_seqlens, scale, N, H, K, V,
+    q, k, do, dv, dsn, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale, N, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, sdb, sdh, sdn, sdd, snb, snh, snk, snv,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, VARLEN: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    PER_TOKEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dv for one Dv block (all of Dk), walking backwards with dH (K x BV)."""
     i_bh, i_b, i_h = program_head(H)
@@ -183,6 +235,7 @@ def chunked_bwd_dv_kernel(
     o_k, m_k = block_range(0, BK, K)
     p_q0 = q + i_b * sqb + i_h * sqh + bos * sqn + o_k[:, None] * sqd  # q loaded transposed (BK, BT)
     p_k0 = k + i_b * skb + i_h * skh + bos * skn + o_k[None, :] * skd
+    p_g0 = g + i_b * sgb + i_h * sgh + bos * sgn  # per-token log decays (PER_TOKEN)
 
     b_dh = tl.zeros([BK, BV], dtype=ACC)
     if USE_FINAL_GRAD:
@@ -191,13 +244,16 @@ def chunked_bwd_dv_kernel(
 
     n_chunks = (T + BT - 1) // BT
     for i_r in range(0, n_chunks):
-        r_t, m_t, n_c, b_lam_k, f_hi, f_lo = chunk_span(n_chunks - 1 - i_r, T, g_hi, g_lo, c_hi, c_lo, BT, ACC)
+        r_t, m_t, n_c, b_w_ij, b_w_q, b_lam_k, f_hi, f_lo = chunk_decays(
+            n_chunks - 1 - i_r, T, g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q, p_g0, sgn, neg, BT, ACC, PER_TOKEN
+        )
+        b_w_ji = tl.trans(b_w_ij) if PER_TOKEN else b_lam_ji
         m_tv = m_t[:, None] & m_v[None, :]
         b_qt = tl.load(p_q0 + r_t[None, :] * sqn, mask=m_k[:, None] & m_t[None, :], other=0)
         b_k = tl.load(p_k0 + r_t[:, None] * skn, mask=m_t[:, None] & m_k[None, :], other=0)
         b_do = tl.load(p_do0 + r_t[:, None] * sdn, mask=m_tv, other=0)
-        b_kq = input_dot(b_k, b_qt, NATIVE_QK, ACC, PREC) * b_lam_ji  # decayed anti-causal scores
-        b_do_start = b_do.to(ACC) * b_lam_q[:, None]  # do_i decayed from the state entering the chunk
+        b_kq = input_dot(b_k, b_qt, NATIVE_QK, ACC, PREC) * b_w_ji  # decayed anti-causal scores
+        b_do_start = b_do.to(ACC) * b_w_q[:, None]  # do_i decayed from the state entering the chunk
         b_dv = mixed_dot(b_kq, b_do, True, MODE, PREC) * scale
         b_dv += mixed_dot(b_dh, b_k, False, MODE, PREC) * b_lam_k[:, None]
         b_dh_add = mixed_dot(b_do_start, b_qt, False, MODE, PREC)
@@ -207,12 +263,16 @@ def chunked_bwd_dv_kernel(
         b_dh = b_dh * f_hi + b_dh * f_lo + (b_dh_add * scale).to(ACC)  # scale: fp64 under torch.compile
 
 
+# The backward's chunk under the interpreter (tests lower it to cross chunk borders on short sequences).
+INTERPRET_CHUNK = 64
+
+
 def _bwd_tiles(d_split: int, d_full: int) -> tuple[int, int, int]:
     """(BT, block of the split dim, block of the full dim) for the backward kernels."""
     full = dim_block(d_full)
     split = dim_block(d_split)
     if INTERPRET:
-        return 64, split, full
+        return INTERPRET_CHUNK, split, full
     split = min(split, 64 if full <= 128 else 32)
     bt = 64 if full <= 128 else 32
     return bt, split, full
@@ -231,17 +291,21 @@ def backward(
     precision: str,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dq, dk, dv, dlog_decay, dinitial_state or None). `final_state` is not read (d log lambda no longer needs
-    it); the parameter stays for the operator's schema (leetdecoding.methods.triton.ops)."""
+    """(dq, dk, dv, dlog_decay, dinitial_state or None); dlog_decay has log_decay's shape: (H,) per head, (B, H, N)
+    (or (1, H, T) packed) per token. `final_state` is read for per-token decays only (the term <S_N, dS_N> of
+    d log lambda); per head, the parameter stays for the operator's schema (leetdecoding.methods.triton.ops)."""
     B, H, N, Dk = q.shape
     rows = packed_rows(q, cu_seqlens, initial_state=initial_state, final_state=final_state, dfinal=dfinal)
     Dv = v.shape[-1]
     acc = compute_dtype_for(q.dtype)
     if q.dtype == torch.float64:  # an fp64 scale applied to do here rather than as an fp32 kernel argument
         do, scale = do * scale, 1.0
-    g_split = split_log_decay(log_decay)
+    per_token = log_decay.ndim == 3
+    head = log_decay.new_zeros(H) if per_token else log_decay  # per token: the per-head tables are not read
+    g_split = split_log_decay(head)
+    tokens = token_log_decays(log_decay)
     flags = dot_flags(q.dtype, precision)
-    flags["VARLEN"] = cu_seqlens is not None
+    flags["VARLEN"], flags["PER_TOKEN"] = cu_seqlens is not None, per_token
     cu = cu_seqlens if cu_seqlens is not None else log_decay  # a pointer the kernels never read without VARLEN
     dq = torch.empty(B, H, N, Dk, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, N, Dk, dtype=k.dtype, device=q.device)
@@ -249,18 +313,20 @@ def backward(
     ds0 = torch.empty(rows, H, Dk, Dv, dtype=acc, device=q.device) if initial_state is not None else None
     dfinal_or_any = dfinal if dfinal is not None else q  # a pointer the kernel never reads without the flag
     s0_or_any = initial_state if initial_state is not None else q
-    key = (Dk, Dv, q.dtype, precision, initial_state is not None, dfinal is not None, cu_seqlens is not None)
+    key = (Dk, Dv, q.dtype, precision, initial_state is not None, dfinal is not None, cu_seqlens is not None,
+           per_token)  # fmt: skip
 
     bt_k, bk, bvf = _bwd_tiles(Dk, Dv)
     nk = triton.cdiv(Dk, bk)
     dg_q = torch.empty(rows * H, nk, dtype=acc, device=q.device)
     dg_k = torch.empty(rows * H, nk, dtype=acc, device=q.device)
+    dgt, fin = _token_buffers(per_token, q, final_state, dfinal, nk, acc)
     sizes = (scale, N, H, Dk, Dv)
 
     def run_dq(variant):
         bt, stages = variant
         launcher(chunked_bwd_dq_kernel)[(rows * H, nk)](
-            q, k, v, do, dq, s0_or_any, dg_q, g_split, decay_power(log_decay, bt), cu, *sizes,
+            q, k, v, do, dq, s0_or_any, dg_q, dgt, g_split, decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(initial_state),
             BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
@@ -269,8 +335,8 @@ def backward(
     def run_dk(variant):
         bt, stages = variant
         launcher(chunked_bwd_dk_kernel)[(rows * H, nk)](
-            q, k, v, do, dk, dfinal_or_any, s0_or_any, ds0 if ds0 is not None else dg_k, dg_k, g_split,
-            decay_power(log_decay, bt), cu, *sizes,
+            q, k, v, do, dk, dfinal_or_any, s0_or_any, ds0 if ds0 is not None else dg_k, dg_k, dgt, fin, g_split,
+            decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dfinal), *strides(initial_state),
             BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, USE_INITIAL_STATE=ds0 is not None, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
@@ -281,7 +347,7 @@ def backward(
     def run_dv(variant):
         bt, stages = variant
         launcher(chunked_bwd_dv_kernel)[(rows * H, triton.cdiv(Dv, bv))](
-            q, k, do, dv, dfinal_or_any, g_split, decay_power(log_decay, bt), cu, *sizes,
+            q, k, do, dv, dfinal_or_any, g_split, decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(do), *strides(dfinal),
             BT=bt, BK=bkf, BV=bv, USE_FINAL_GRAD=dfinal is not None, **flags,
             num_warps=warps(bkf * bv), num_stages=stages,
@@ -291,7 +357,25 @@ def backward(
     launch(("dq", *key), chunk_variants(bt_k, stages), run_dq)
     launch(("dk", *key), chunk_variants(bt_k, stages), run_dk)
     launch(("dv", *key), chunk_variants(bt_v, stages), run_dv)
+    if per_token:  # each Dk block's share of d log lambda_t, summed
+        return dq, dk, dv, dgt.sum(-1).to(log_decay.dtype), ds0
     # dlog_lambda: the query- and key-side distance-weighted sums (nothing cancels; the final state's pairs are
     # in the key side), per Dk block and sequence, summed per head
     dg = (dg_q.double().sum(-1) + dg_k.double().sum(-1)).view(rows, H).sum(0)
     return dq, dk, dv, dg.to(log_decay.dtype), ds0
+
+
+def _token_buffers(per_token, q, final_state, dfinal, nk: int, acc: torch.dtype):
+    """Per token: dgt (B, H, N, Dk blocks), each Dk block's share of q_t . dq_t and then of d log lambda_t, and fin,
+    <S_N, dS_N> per sequence and head (the final state's term; a placeholder without dfinal). Placeholders per
+    head (the kernels do not read them)."""
+    if not per_token:
+        return q, q
+    B, H, N, _ = q.shape
+    dgt = torch.empty(B, H, N, nk, dtype=acc, device=q.device)
+    if dfinal is None:
+        return dgt, dgt
+    if final_state is None:
+        raise ValueError("per-token decays: the backward needs final_state with dfinal (d log lambda reads both).")
+    fin = (final_state.double() * dfinal.double()).sum((-2, -1))  # (rows, H)
+    return dgt, fin.to(acc).contiguous()

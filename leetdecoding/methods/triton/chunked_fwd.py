@@ -32,7 +32,7 @@ from .common import (
     token_log_decays,
 )
 from .launching import chunk_variants, kernel_scale, launch, launcher, pipeline_stages, scale_fp64, strides, warps
-from .prologue import NO_SPEC, block_range, chunk_span, head_decays, program_head, sequence, token_decays
+from .prologue import NO_SPEC, block_range, chunk_decays, head_decays, program_head, sequence
 from .tile_math import input_dot, mixed_dot, round_to_bf16
 
 
@@ -63,11 +63,9 @@ def chunked_fwd_kernel(
         b_s = b_s.to(ACC)
 
     for i_c in range(0, (T + BT - 1) // BT):
-        r_t, m_t, n_c, b_lam_k, f_hi, f_lo = chunk_span(i_c, T, g_hi, g_lo, c_hi, c_lo, BT, ACC)
-        if PER_TOKEN:
-            b_w_ij, b_w_q, b_lam_k, f_hi, f_lo = token_decays(p_g0 + r_t * sgn, m_t, neg, BT, ACC)
-        else:
-            b_w_ij, b_w_q = b_lam_ij, b_lam_q
+        r_t, m_t, n_c, b_w_ij, b_w_q, b_lam_k, f_hi, f_lo = chunk_decays(
+            i_c, T, g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q, p_g0, sgn, neg, BT, ACC, PER_TOKEN
+        )
         b_q = tl.load(p_q0 + r_t[:, None] * sqn, mask=m_t[:, None] & m_k[None, :], other=0)
         b_kt = tl.load(p_k0 + r_t[None, :] * skn, mask=m_k[:, None] & m_t[None, :], other=0)  # (BK, BT)
         b_v = tl.load(p_v0 + r_t[:, None] * svn, mask=m_t[:, None] & m_v[None, :], other=0)

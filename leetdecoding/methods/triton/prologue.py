@@ -111,3 +111,18 @@ def token_decays(p_g, m_t, neg, BT: tl.constexpr, ACC: tl.constexpr):
     f = tl.where(R_last == 0, tl.exp(G_last), 0.0)
     f_hi = f.to(ACC)
     return b_lam_ij, b_lam_q, b_lam_k, f_hi, (f - f_hi.to(tl.float64)).to(ACC)
+
+
+@triton.jit
+def chunk_decays(
+    i_c, T, g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q, p_g0, sgn, neg,
+    BT: tl.constexpr, ACC: tl.constexpr, PER_TOKEN: tl.constexpr,
+):  # fmt: skip
+    """Chunk i_c's span and decays in either mode, for the kernels' chunk loops: (r_t, m_t, n_c) of `chunk_span`,
+    then b_w_ij, b_w_q, b_lam_k, f_hi, f_lo: the head's tables (`head_decays`, `chunk_span`) or, with PER_TOKEN,
+    the chunk's own (`token_decays`, log decays at p_g0 + token * sgn)."""
+    r_t, m_t, n_c, b_lam_k, f_hi, f_lo = chunk_span(i_c, T, g_hi, g_lo, c_hi, c_lo, BT, ACC)
+    b_w_ij, b_w_q = b_lam_ij, b_lam_q
+    if PER_TOKEN:
+        b_w_ij, b_w_q, b_lam_k, f_hi, f_lo = token_decays(p_g0 + r_t * sgn, m_t, neg, BT, ACC)
+    return r_t, m_t, n_c, b_w_ij, b_w_q, b_lam_k, f_hi, f_lo
