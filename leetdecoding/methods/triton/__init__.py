@@ -104,7 +104,10 @@ class TritonChunked(TritonMethod):
         return reasons
 
     def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, precision: str) -> int:
-        return self._state_bytes(x)
+        if not (x.per_token and x.requires_grad):
+            return self._state_bytes(x)
+        # the backward's per-token buffer: an fp32 share of d log lambda per token and Dk block (Dk blocks >= 16)
+        return self._state_bytes(x) + 4 * x.batch * x.heads * x.seq_len * -(-x.dk // 16)
 
     def forward(self, x: AttentionInputs, *, chunk_size: int, precision: str):
         if chunk_size not in (16, 32, 64, 128):
