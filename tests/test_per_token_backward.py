@@ -100,6 +100,19 @@ def test_gradients_at_the_edges_match_the_fp64_recurrence(dtype, span):
     assert torch.equal(got[3][resets], torch.zeros_like(got[3][resets]))
 
 
+@pytest.mark.parametrize("span", ["one chunk per span", "one span"])
+def test_a_decay_without_gradient(span):
+    """The backward skips d log_decay when the decay does not require grad (its own branch of the products)."""
+    q, k, v, do, log_decay, s0, ds = problem(n=45)
+    log_decay = edges(log_decay)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    o, state = chunked(*leaves[:3], log_decay, leaves[3], SPANS[span])
+    got = torch.autograd.grad((o * do).sum() + (state * ds).sum(), leaves)
+    want = grads(recurrence, (q, k, v, log_decay, s0), do, ds)
+    for name, a, b in zip(("q", "k", "v", "initial_state"), got, want[:3] + want[4:]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), f"d{name}"
+
+
 def test_cumulative_sums_reaching_minus_1e6():
     """Log decays summing to -1e6 over the sequence: the gradients come from sums within a chunk."""
     n = 4096

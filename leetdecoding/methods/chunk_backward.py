@@ -33,8 +33,8 @@ def state_gradient(d_final, q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
 def chunks_in_reverse(q, v, saved, chunk_size: int, span_bytes: int, dtype: torch.dtype, make_step):
     """(step, s, the state at s) for every chunk in reverse, s its first token: the spans (chunk_steps.spans) in
     reverse, each span's chunk-start states recomputed from its saved start state `saved[i]` by
-    `step.state_after` into one buffer. `make_step(r)` makes the step for chunks of r tokens (remade when r
-    changes: the last partial chunk)."""
+    `step.state_after` into one buffer, after `step.enter(start, stop)`. `make_step(r)` makes the step for chunks
+    of r tokens (remade when r changes: the last partial chunk)."""
     B, H, N, Dk = q.shape
     Dv = v.shape[-1]
     C = max(1, min(chunk_size, N))
@@ -45,6 +45,7 @@ def chunks_in_reverse(q, v, saved, chunk_size: int, span_bytes: int, dtype: torc
         r = C if chunks else stop - start
         if step is None or step.r != r:
             step = make_step(r)
+        step.enter(start, stop)
         starts[0].copy_(span_start.reshape(B * H, Dk, Dv))
         for c in range(max(chunks, 1) - 1):
             step.state_after(starts[c], start + c * r, starts[c + 1])
@@ -70,6 +71,9 @@ class BackwardStep(ChunkStep):
             self.mask_distance = self.mask * dd.distance  # the intra-chunk pairs' weights t - s
             self.q_weight, self.k_weight = (idx + 1).view(r, 1), (r - 1 - idx).view(r, 1)
             self.dq_inter, self.dk_inter, self.pairs, self.vg = new(r, Dk), new(r, Dk), new(r, r), new(r, Dk)
+
+    def enter(self, start: int, stop: int) -> None:
+        """A span's chunks come next: nothing to prepare (the decay tables are the same for every chunk)."""
 
     def chunk(self, s: int, which=(0, 1, 2, 3)) -> list[torch.Tensor]:
         """Of q, k, v, dO (`which` of them), the chunk at s as (B*H, r, D) in the compute dtype; dO scaled."""

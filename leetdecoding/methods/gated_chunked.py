@@ -88,8 +88,9 @@ class GatedBackwardStep:
         self.dos = new(r, Dv) if scale != 1.0 else None
         self.scores, self.d_scores, self.pairs = new(r, r), new(r, r), new(r, r) if grads[3] is not None else None
         self.qa, self.vb, self.dv = new(r, Dv), new(r, Dv), new(r, Dv)
-        self.kb, self.dq, self.dk, self.q_inter, self.k_inter = (new(r, Dk) for _ in range(5))
+        self.kb, self.dq, self.dk = new(r, Dk), new(r, Dk), new(r, Dk)
         if grads[3] is not None:
+            self.q_inter, self.k_inter = new(r, Dk), new(r, Dk)
             self.later = torch.ones(r, r, dtype=torch.bool, device=q.device).tril(-1).to(cd)  # [t > j]
 
     def chunk(self, s: int, which=(0, 1, 2, 3)) -> list[torch.Tensor]:
@@ -99,25 +100,31 @@ class GatedBackwardStep:
             out[-1] = torch.mul(out[-1], self.scale, out=self.dos)
         return out
 
-    def factors(self, s: int, which: str):
-        """The chunk's factors `which` of W (within), a (from_start), b (to_end), w (whole), as (B*H, r, r),
-        (B*H, r, 1), (B*H, r, 1), (B*H, 1, 1) in the compute dtype."""
-        sums = self.sums(self.log_decay[..., s : s + self.r])
-        made = {"W": sums.within, "a": sums.from_start, "b": sums.to_end, "w": sums.whole}
-        return [made[f](self.cd).flatten(0, 1).unsqueeze(-1) if f != "W" else made[f](self.cd).flatten(0, 1)
-                for f in which]  # fmt: skip
+    def enter(self, start: int, stop: int) -> None:
+        """The factors a, b, w of every chunk of the span [start, stop) at once, from one Sums over
+        (B, H, chunks, r): (B*H, chunks, r, 1), (B*H, chunks, r, 1), (B*H, chunks, 1, 1) in the compute dtype."""
+        sums = self.sums(self.log_decay[..., start:stop].unflatten(-1, (-1, self.r)))
+        self.start = start
+        self.a, self.b, self.w = (f(self.cd).flatten(0, 1).unsqueeze(-1) for f in (sums.from_start, sums.to_end,
+                                                                                  sums.whole))  # fmt: skip
+
+    def factors(self, s: int):
+        """a, b, w of the chunk at s (in the span entered last), each (B*H, r or 1, 1)."""
+        i = (s - self.start) // self.r
+        return self.a[:, i], self.b[:, i], self.w[:, i]
 
     def state_after(self, state: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
         """out = the state after the chunk at s, from the state at its start (the forward's update)."""
         kc, vc = self.chunk(s, (1, 2))
-        b, w = self.factors(s, "bw")
+        _, b, w = self.factors(s)
         torch.mul(kc, b, out=self.kb)
         return torch.mul(state, w, out=out).baddbmm_(self.kb.transpose(1, 2), vc)
 
     def __call__(self, s: int, start: torch.Tensor, grad: torch.Tensor):
         """Writes dq, dk, dv (and d g) of the chunk at s; moves grad (D) to the chunk's start in place."""
         qc, kc, vc, dos = self.chunk(s)
-        W, a, b, w = self.factors(s, "Wabw")
+        a, b, w = self.factors(s)
+        W = self.sums(self.log_decay[..., s : s + self.r]).within(self.cd).flatten(0, 1)
         dg = self.grads[3]
         torch.bmm(qc, kc.transpose(1, 2), out=self.scores).mul_(W)
         torch.bmm(dos, vc.transpose(1, 2), out=self.d_scores)
@@ -125,11 +132,15 @@ class GatedBackwardStep:
             torch.mul(self.scores, self.d_scores, out=self.pairs)
         self.d_scores.mul_(W)
         torch.mul(dos, a, out=self.qa)
-        torch.bmm(self.qa, start.transpose(1, 2), out=self.q_inter)  # the pairs with keys before the chunk
-        torch.bmm(self.d_scores, kc, out=self.dq).add_(self.q_inter)
         torch.mul(vc, b, out=self.vb)
-        torch.bmm(self.vb, grad.transpose(1, 2), out=self.k_inter)  # the pairs with queries after the chunk
-        torch.bmm(self.d_scores.transpose(1, 2), qc, out=self.dk).add_(self.k_inter)
+        torch.bmm(self.d_scores, kc, out=self.dq)
+        torch.bmm(self.d_scores.transpose(1, 2), qc, out=self.dk)
+        if dg is None:
+            self.dq.baddbmm_(self.qa, start.transpose(1, 2))
+            self.dk.baddbmm_(self.vb, grad.transpose(1, 2))
+        else:  # the inter parts apart: the pairs with keys before the chunk, and with queries after it
+            self.dq.add_(torch.bmm(self.qa, start.transpose(1, 2), out=self.q_inter))
+            self.dk.add_(torch.bmm(self.vb, grad.transpose(1, 2), out=self.k_inter))
         torch.mul(kc, b, out=self.kb)
         torch.bmm(self.scores.transpose(1, 2), dos, out=self.dv).baddbmm_(self.kb, grad)
         for out, g in zip(self.grads, (self.dq, self.dk, self.dv)):
