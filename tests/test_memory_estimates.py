@@ -29,6 +29,8 @@ CASES = [
     case("chunked", [2, 4, 4096, 64, 64], "fp32"),
     case("chunked", [1, 8, 2001, 64, 64], "bf16", *STATES),
     case("chunked", [2, 4, 2048, 64, 64], "fp64", "grad"),
+    case("chunked", [2, 4, 4096, 64, 64], "fp32", "per_token"),
+    case("chunked", [1, 8, 2001, 64, 64], "bf16", "grad", "per_token", *STATES),
     case("recursion", [2, 4, 2048, 64, 64], "fp32", *STATES),
     case("recursion", [1, 4, 2000, 64, 32], "fp32", "grad"),
     case("fleet", [1, 4, 20000, 16, 16], "fp32"),
@@ -38,7 +40,7 @@ MIB = 1 << 20
 
 
 def label(case: dict) -> str:
-    flags = [f for f in ("initial_state", "output_final_state", "grad") if case.get(f)]
+    flags = [f for f in ("initial_state", "output_final_state", "grad", "per_token") if case.get(f)]
     return f"{case['method']} {tuple(case['shape'])} {case['dtype']} {' '.join(flags)}"
 
 

@@ -97,6 +97,7 @@ def attention_peak(
     initial_state: bool = False,
     output_final_state: bool = False,
     grad: bool = False,
+    per_token: bool = False,
 ) -> tuple[int | None, int]:
     """(measured peak, estimate) in bytes of one CPU `ld.attention` call with (B, H, N, Dk, Dv) = `shape`.
 
@@ -104,7 +105,7 @@ def attention_peak(
     the tensors autograd keeps for the backward) included; the estimate is what the memory guard plans for it
     (`dispatch.estimate_bytes`, the method's `extra_memory_bytes` plus output and final state). None for the peak
     where the high-water mark cannot be reset. A first call at a small N loads code and thread pools, so that
-    they are not counted.
+    they are not counted. `per_token`: the same decays given per token, (B, H, N).
     """
     from .. import api, dispatch
     from ..inputs import compute_dtype_for, validate
@@ -114,14 +115,16 @@ def attention_peak(
     log_decay = -torch.linspace(0.01, 1.0, h, dtype=compute_dtype_for(dtype))
 
     def inputs(length: int) -> dict:
+        decay = log_decay.view(1, h, 1).expand(b, h, length).contiguous() if per_token else log_decay
         q, k, v = (torch.randn(b, h, length, d, generator=g).to(dtype).requires_grad_(grad) for d in (dk, dk, dv))
         s0 = torch.randn(b, h, dk, dv, generator=g).to(compute_dtype_for(dtype)) if initial_state else None
-        return {"q": q, "k": k, "v": v, "log_decay": log_decay, "initial_state": s0,
+        return {"q": q, "k": k, "v": v, "log_decay": decay, "initial_state": s0,
                 "output_final_state": output_final_state}  # fmt: skip
 
     api.attention(**inputs(min(n, 70)), method=method)  # warm-up
     args = inputs(n)
-    x = validate(args["q"], args["k"], args["v"], None, log_decay, 1.0, args["initial_state"], output_final_state)
+    x = validate(args["q"], args["k"], args["v"], None, args["log_decay"], 1.0, args["initial_state"],
+                 output_final_state)  # fmt: skip
     estimate = dispatch.choose(x, method).estimate_bytes
     with PeakMemory("cpu") as peak:
         result = api.attention(**args, method=method)
@@ -140,7 +143,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 def measure_cases(cases: list[dict]):
     """Run `attention_peak` for each case in one fresh process with MEASURE_ENV; each case is a dict of
     method, shape (B, H, N, Dk, Dv), dtype ("fp32", "bf16", "fp16", "fp64") and the flags initial_state,
-    output_final_state, grad. Yields each case, as it is measured, with "peak" (bytes or None) and "estimate"."""
+    output_final_state, grad, per_token. Yields each case, as it is measured, with "peak" (bytes or None) and
+    "estimate"."""
     import json
     import os
     import subprocess
@@ -163,6 +167,6 @@ def _main(argv: list[str]) -> None:
     import json
 
     for case in json.loads(argv[0]):
-        flags = {f: bool(case.get(f, False)) for f in ("initial_state", "output_final_state", "grad")}
+        flags = {f: bool(case.get(f, False)) for f in ("initial_state", "output_final_state", "grad", "per_token")}
         peak, estimate = attention_peak(case["method"], tuple(case["shape"]), DTYPES[case["dtype"]], **flags)
         print(json.dumps({**case, "peak": peak, "estimate": estimate}), flush=True)

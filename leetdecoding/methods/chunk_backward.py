@@ -18,7 +18,39 @@ from __future__ import annotations
 
 import torch
 
-from .chunk_steps import Chunks, ChunkStep
+from .chunk_steps import Chunks, ChunkStep, span_length, spans
+
+
+def state_gradient(d_final, q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """D after the last chunk: the final state's gradient as a new (B*H, Dk, Dv) tensor in `dtype` (zeros for
+    None), which the backward moves back chunk by chunk in place."""
+    B, H, _, Dk = q.shape
+    if d_final is None:
+        return torch.zeros(B * H, Dk, v.shape[-1], dtype=dtype, device=q.device)
+    return d_final.to(dtype).reshape(B * H, Dk, -1).clone(memory_format=torch.contiguous_format)
+
+
+def chunks_in_reverse(q, v, saved, chunk_size: int, span_bytes: int, dtype: torch.dtype, make_step):
+    """(step, s, the state at s) for every chunk in reverse, s its first token: the spans (chunk_steps.spans) in
+    reverse, each span's chunk-start states recomputed from its saved start state `saved[i]` by
+    `step.state_after` into one buffer, after `step.enter(start, stop)`. `make_step(r)` makes the step for chunks
+    of r tokens (remade when r changes: the last partial chunk)."""
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    C = max(1, min(chunk_size, N))
+    plan = spans(N, C, span_length(q, Dv, C, span_bytes))
+    starts = torch.empty(max([chunks for *_, chunks in plan] + [1]), B * H, Dk, Dv, dtype=dtype, device=q.device)
+    step = None
+    for (start, stop, chunks), span_start in zip(reversed(plan), reversed(saved)):
+        r = C if chunks else stop - start
+        if step is None or step.r != r:
+            step = make_step(r)
+        step.enter(start, stop)
+        starts[0].copy_(span_start.reshape(B * H, Dk, Dv))
+        for c in range(max(chunks, 1) - 1):
+            step.state_after(starts[c], start + c * r, starts[c + 1])
+        for c in reversed(range(max(chunks, 1))):
+            yield step, start + c * r, starts[c]
 
 
 class BackwardStep(ChunkStep):
@@ -39,6 +71,9 @@ class BackwardStep(ChunkStep):
             self.mask_distance = self.mask * dd.distance  # the intra-chunk pairs' weights t - s
             self.q_weight, self.k_weight = (idx + 1).view(r, 1), (r - 1 - idx).view(r, 1)
             self.dq_inter, self.dk_inter, self.pairs, self.vg = new(r, Dk), new(r, Dk), new(r, r), new(r, Dk)
+
+    def enter(self, start: int, stop: int) -> None:
+        """A span's chunks come next: nothing to prepare (the decay tables are the same for every chunk)."""
 
     def chunk(self, s: int, which=(0, 1, 2, 3)) -> list[torch.Tensor]:
         """Of q, k, v, dO (`which` of them), the chunk at s as (B*H, r, D) in the compute dtype; dO scaled."""

@@ -1,4 +1,5 @@
-"""The forward of one chunk of the chunked method, for every (batch row, head) at once.
+"""The forward of one chunk of the chunked method, for every (batch row, head) at once; and how the tokens split
+into spans of chunks (`spans`, `span_length`), shared by the backwards with a decay per head or per token.
 
 For a chunk of r tokens starting at s, with the state S (B*H, Dk, Dv) at its start, updated in place:
 
@@ -17,6 +18,28 @@ for about 1.3x the speed of fp32 products on a CPU with AMX (a prototype, 2026-1
 from __future__ import annotations
 
 import torch
+
+from ..inputs import compute_dtype_for
+
+
+def span_length(q: torch.Tensor, dv: int, chunk_size: int, span_bytes: int) -> int:
+    """Tokens per span: a multiple of the chunk size such that the chunk-start states of a span, which the
+    backward recomputes into one buffer, fit in `span_bytes` (at least one chunk). The forward with gradients
+    keeps one state per span."""
+    batch, heads, _, dk = q.shape
+    state_bytes = torch.finfo(compute_dtype_for(q.dtype)).bits // 8 * batch * heads * dk * dv
+    return chunk_size * max(1, span_bytes // max(state_bytes, 1))
+
+
+def spans(n: int, c: int, span: int):
+    """(start, stop, chunks): runs of whole chunks of c tokens, then the last partial chunk if any (chunks = 0)."""
+    out = []
+    for start in range(0, n - n % c, span):
+        stop = min(n - n % c, start + span)
+        out.append((start, stop, (stop - start) // c))
+    if n % c:
+        out.append((n - n % c, n, 0))
+    return out
 
 
 def merges(t: torch.Tensor) -> bool:

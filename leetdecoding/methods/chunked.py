@@ -9,6 +9,9 @@ decay mask; across chunks a carried state S (Dk x Dv) brings in everything befor
 Chunks are processed one at a time, each product batched over every batch row and head
 (leetdecoding.methods.chunk_steps, chunk_backward): working memory is a few chunk-sized buffers, not O(N).
 
+Per-token decays take the same chunk loop with the cumulative sums of leetdecoding.gates (leetdecoding.methods.gated,
+and gated_chunked for its backward, through the same ChunkedFunction).
+
 Gradients (a custom backward: the forward keeps only the state at the start of each span of chunks, and the
 backward recomputes the chunk-start states of one span at a time, then walks its chunks in reverse):
 with dO = scale * do and D the gradient of the state at a chunk's end (dS_N at the end of the sequence),
@@ -40,23 +43,14 @@ from typing import NamedTuple
 import torch
 
 from ..amp import backward_without_autocast
-from ..inputs import AttentionInputs, compute_dtype_for
+from ..inputs import AttentionInputs
 from ..memo import ValueMemo
-from . import gated
+from . import gated, gated_chunked
 from .autograd import twice_differentiable_grads
 from .base import Method, elem_bytes, output_buffer, with_margin
-from .chunk_backward import BackwardStep
-from .chunk_steps import ComputeDtypeStep, DifferentiableStep, merges
+from .chunk_backward import BackwardStep, chunks_in_reverse, state_gradient
+from .chunk_steps import ComputeDtypeStep, DifferentiableStep, merges, span_length, spans
 from .decay_math import causal_decay_matrix, decay_factor, decay_powers
-
-
-def span_length(q: torch.Tensor, dv: int, chunk_size: int, span_bytes: int) -> int:
-    """Tokens per span: a multiple of the chunk size such that the chunk-start states of a span, which the
-    backward recomputes into one buffer, fit in `span_bytes` (at least one chunk). The forward with gradients
-    keeps one state per span."""
-    batch, heads, _, dk = q.shape
-    state_bytes = torch.finfo(compute_dtype_for(q.dtype)).bits // 8 * batch * heads * dk * dv
-    return chunk_size * max(1, span_bytes // max(state_bytes, 1))
 
 
 class Decays(NamedTuple):
@@ -86,17 +80,6 @@ def build_decays(log_decay: torch.Tensor, c: int) -> Decays:
         decay_powers(log_decay, c - 1 - idx).unsqueeze(2),
         decay_factor(log_decay, c).view(1, -1, 1, 1),
     )
-
-
-def spans(n: int, c: int, span: int):
-    """(start, stop, chunks): runs of whole chunks of c tokens, then the last partial chunk if any (chunks = 0)."""
-    out = []
-    for start in range(0, n - n % c, span):
-        stop = min(n - n % c, start + span)
-        out.append((start, stop, (stop - start) // c))
-    if n % c:
-        out.append((n - n % c, n, 0))
-    return out
 
 
 def chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, save_starts):
@@ -136,32 +119,21 @@ def chunked_bwd(
     """Gradients (dq, dk, dv, d log_decay or None, d initial_state) of chunked_fwd: the spans in reverse, each
     span's chunk-start states recomputed from its saved start state, then its chunks in reverse
     (leetdecoding.methods.chunk_backward). `decay_grad=False` skips the decay's gradient (a fixed decay)."""
-    B, H, N, Dk = q.shape
+    B, H, _, Dk = q.shape
     Dv = v.shape[-1]
     cd = log_decay.dtype
-    C = max(1, min(chunk_size, N))
-    if d_final is None:
-        grad = torch.zeros(B * H, Dk, Dv, dtype=cd, device=q.device)
-    else:
-        grad = d_final.to(cd).reshape(B * H, Dk, Dv).clone(memory_format=torch.contiguous_format)
+    grad = state_gradient(d_final, q, v, cd)
     gap = torch.zeros_like(grad)  # D': the gap-weighted twin of grad (see the module docstring)
     dq, dk, dv = (output_buffer(t, t.shape[-1]) for t in (q, k, v))
     d_log = torch.zeros(B * H, dtype=torch.float64, device=q.device)
-    plan = spans(N, C, span_length(q, Dv, C, span_bytes))
-    starts = torch.empty(max([chunks for *_, chunks in plan] + [1]), B * H, Dk, Dv, dtype=cd, device=q.device)
-    step = None
-    for (start, stop, chunks), span_start in zip(reversed(plan), reversed(saved)):
-        r = C if chunks else stop - start
-        if step is None or step.r != r:
-            step = BackwardStep(q, k, v, do, (dq, dk, dv), decays(log_decay, r), r, scale, decay_grad)
-        g = max(chunks, 1)
-        starts[0].copy_(span_start.reshape(B * H, Dk, Dv))
-        for c in range(g - 1):
-            step.state_after(starts[c], start + c * r, starts[c + 1])
-        for c in reversed(range(g)):
-            part = step(start + c * r, starts[c], grad, gap)
-            if part is not None:
-                d_log += part.double()
+
+    def make_step(r: int) -> BackwardStep:
+        return BackwardStep(q, k, v, do, (dq, dk, dv), decays(log_decay, r), r, scale, decay_grad)
+
+    for step, s, start in chunks_in_reverse(q, v, saved, chunk_size, span_bytes, cd, make_step):
+        part = step(s, start, grad, gap)
+        if part is not None:
+            d_log += part.double()
     if not decay_grad:
         return dq, dk, dv, None, grad.view(B, H, Dk, Dv)
     if initial_state is not None:  # the initial state: a chunk ending at 0, so only its gaps count
@@ -169,12 +141,21 @@ def chunked_bwd(
     return dq, dk, dv, d_log.view(B, H).sum(0).to(cd), grad.view(B, H, Dk, Dv)
 
 
+KERNELS = (chunked_fwd, chunked_bwd)  # a decay per head; leetdecoding.methods.gated_chunked.KERNELS per token
+
+
 class ChunkedFunction(torch.autograd.Function):
+    """The chunked method with its own backward. `kernels` = (fwd, bwd) with chunked_fwd's and chunked_bwd's
+    signatures: KERNELS for a decay per head, gated_chunked.KERNELS for per-token decays. Under create_graph=True
+    the backward differentiates fwd again (fwd computes under autograd then), so that second derivatives are
+    exact."""
+
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, span_bytes):
-        o, final, saved = chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, True)
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, chunk_size, span_bytes, kernels=KERNELS):
+        o, final, saved = kernels[0](q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, True)
         ctx.save_for_backward(q, k, v, log_decay, initial_state, *saved)
         ctx.args = (scale, chunk_size, span_bytes)
+        ctx.kernels = kernels
         return o, final
 
     @staticmethod
@@ -182,20 +163,21 @@ class ChunkedFunction(torch.autograd.Function):
     def backward(ctx, do, d_final):
         q, k, v, log_decay, initial_state, *saved = ctx.saved_tensors
         scale, chunk_size, span_bytes = ctx.args
+        fwd, bwd = ctx.kernels
         if torch.is_grad_enabled():  # create_graph=True: through the forward again, so that the graph is exact
 
             def forward(q, k, v, log_decay, initial_state):
-                return chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, False)[:2]
+                return fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, False)[:2]
 
             grads = twice_differentiable_grads(
                 forward, (q, k, v, log_decay, initial_state), ctx.needs_input_grad[:5], (do, d_final)
             )
-            return *grads, None, None, None
-        dq, dk, dv, dg, ds0 = chunked_bwd(
+            return *grads, None, None, None, None
+        dq, dk, dv, dg, ds0 = bwd(
             q, k, v, log_decay, scale, saved, do, d_final, initial_state, chunk_size, span_bytes,
             decay_grad=ctx.needs_input_grad[3],
         )
-        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None
+        return dq, dk, dv, dg, ds0 if ctx.needs_input_grad[4] else None, None, None, None, None
 
 
 class Chunked(Method):
@@ -208,36 +190,51 @@ class Chunked(Method):
 
     def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, span_bytes: int) -> int:
         c = max(1, min(chunk_size, x.seq_len))
-        if x.per_token:  # leetdecoding.methods.gated: a chunk's products and tables, all of them kept for autograd
-            chunks = -(-x.seq_len // c) if x.requires_grad else 1
-            per_chunk = 4 * c * c + c * (3 * x.dk + 2 * x.dv) + 2 * x.dk * x.dv
-            return with_margin(elem_bytes(x) * x.batch * x.heads * (chunks * per_chunk + x.seq_len * x.dv))
-        # the forward's buffers (leetdecoding.methods.chunk_steps), for a chunk and, while the last partial chunk's
-        # are made, those too: scores, decayed q and k, output; chunk copies of inputs that are not compute-dtype
-        # (B*H, N, D) views
+        # two steps' buffers while the last partial chunk's are made; chunk copies of inputs that are not
+        # compute-dtype (B*H, N, D) views
         steps = 2 if x.seq_len % c and x.seq_len > c else 1
         inputs = ((x.q, x.dk), (x.k, x.dk), (x.v, x.dv))
         copied = sum(d for t, d in inputs if t.dtype != x.compute_dtype or not merges(t))
+        if x.per_token:
+            return _per_token_bytes(x, c, steps, copied, span_bytes)
+        # the forward's buffers (leetdecoding.methods.chunk_steps): scores, decayed q and k, output
         per_head = steps * (c * c + c * (2 * x.dk + x.dv) + c * copied) + 2 * x.dk * x.dv  # + the state and a copy
         if x.requires_grad:
-            span = min(span_length(x.q, x.dv, c, span_bytes), -(-x.seq_len // c) * c)
-            per_head += -(-x.seq_len // max(span, 1)) * x.dk * x.dv  # the states kept for the backward (none at N = 0)
-            # the backward (leetdecoding.methods.chunk_backward): a span's recomputed chunk-start states, D and
-            # D'; per chunk step: scores, their gradient and the decay's pair terms, ten chunk-sized buffers for
-            # decayed inputs, products and gradients, chunk copies of q, k, v and dO
-            per_head += (span // c + 2) * x.dk * x.dv
-            per_head += steps * (3 * c * c + c * (6 * x.dk + 4 * x.dv) + c * (copied + x.dv))
+            per_head += _backward_states(x, c, span_bytes)
+            # the backward (leetdecoding.methods.chunk_backward), D' and per chunk step: scores, their gradient and
+            # the decay's pair terms, ten chunk-sized buffers for decayed inputs, products and gradients, chunk
+            # copies of q, k, v and dO
+            per_head += x.dk * x.dv + steps * (3 * c * c + c * (6 * x.dk + 4 * x.dv) + c * (copied + x.dv))
         tables = 3 * x.heads * c * c * 8  # building a chunk's decay tables: a few (H, C, C) fp64 temporaries
         return with_margin(elem_bytes(x) * x.batch * x.heads * per_head + tables)
 
     def forward(self, x: AttentionInputs, *, chunk_size: int, span_bytes: int):
-        if x.per_token:
-            o, state = gated.forward_blocks(x, chunk_size)
-            return o, (state if x.output_final_state else None)
         args = (x.scale, chunk_size, span_bytes)
         if x.requires_grad:
-            o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args)
+            kernels = gated_chunked.KERNELS if x.per_token else KERNELS
+            o, state = ChunkedFunction.apply(x.q, x.k, x.v, x.log_decay, x.initial_state, *args, kernels)
+        elif x.per_token:
+            o, state = gated.forward_blocks(x, chunk_size)
         else:  # nothing saved
             o, state, _ = chunked_fwd(x.q, x.k, x.v, x.log_decay, x.scale, x.initial_state, *args[1:], False)
         return o, (state if x.output_final_state else None)
 
+
+def _backward_states(x: AttentionInputs, c: int, span_bytes: int) -> int:
+    """(Dk, Dv) states per head that chunked keeps for its backward: one per span (none at N = 0), and in the
+    backward a span's recomputed chunk-start states and D."""
+    span = min(span_length(x.q, x.dv, c, span_bytes), -(-x.seq_len // c) * c)
+    return (-(-x.seq_len // max(span, 1)) + span // c + 1) * x.dk * x.dv
+
+
+def _per_token_bytes(x: AttentionInputs, c: int, steps: int, copied: int, span_bytes: int) -> int:
+    """extra_memory_bytes with per-token decays (leetdecoding.methods.gated_chunked). The forward makes one chunk's
+    tensors at a time: the scores, the factors exp(G_t - G_s) in the compute dtype beside the three fp64 (c, c)
+    tables they come from (differences, masked, exp), decayed q and k, the output, input copies; the state and its
+    copy. With gradients, the states kept for the backward, and the backward's per chunk step: scores, their
+    gradient, the pair terms and a temporary of their sums, nine chunk-sized buffers, input copies (the factor
+    tables as in the forward)."""
+    per_head = 2 * c * c + c * (2 * x.dk + x.dv + copied) + 2 * x.dk * x.dv
+    if x.requires_grad:
+        per_head += _backward_states(x, c, span_bytes) + steps * (4 * c * c + c * (5 * x.dk + 4 * x.dv + copied + x.dv))
+    return with_margin(x.batch * x.heads * (elem_bytes(x) * per_head + 24 * c * c))

@@ -6,9 +6,11 @@ sequence for the quadratic form), in fp64:
     o_t   = scale ( sum_{s<=t} exp(G_t - G_s) (q_t . k_s) v_s + exp(G_t) q_t S_start )
     S_end = exp(G_last) S_start + sum_s exp(G_last - G_s) k_s^T v_s
 
-Every exponent is <= 0. The quadratic form and the chunk loop are differentiated by autograd (inside one node,
-leetdecoding.methods.autograd.PlainAutogradFence, so that their backward computes without autocast and their
-second derivatives are exact); the recurrence has its own backward, token by token, with
+Every exponent is <= 0. The quadratic form (vanilla) is differentiated by autograd (inside one node,
+leetdecoding.methods.autograd.PlainAutogradFence, so that its backward computes without autocast and its
+second derivatives are exact); the chunk loop of the chunked method has its own backward
+(leetdecoding.methods.gated_chunked; `blocks_differentiable` gives its second derivatives); the recurrence has its
+own backward, token by token, with
 R_t = dL/dS_t = scale q_t^T do_t + lambda_{t+1} R_{t+1}: dq_t = scale do_t S_t^T, dk_t = R_t v_t,
 dv_t = R_t^T k_t, d g_t = lambda_t <R_t, S_{t-1}>, d S_init = lambda_0 R_0.
 """
@@ -59,33 +61,56 @@ def _block_in_place(q, k, v, sums: Sums, state, out, scale: float):
     out.copy_(o.view(B, H, n, Dv))
 
 
+def block_sums(g: torch.Tensor, size: int):
+    """The Sums maker of a call's log decays g (..., N) in blocks of `size` tokens: one read of the values decides
+    resets and shallow blocks (gates.survey) for every block, forward and backward alike."""
+    n = g.shape[-1]
+    resets, shallow = survey(g, size)
+    causal = causal_mask(min(size, max(n, 1)), g.device, g.dtype if shallow else torch.bool)
+
+    def sums(part: torch.Tensor) -> Sums:
+        return Sums(part, causal[: part.shape[-1], : part.shape[-1]], resets, shallow)
+
+    return sums
+
+
+def blocks_differentiable(q, k, v, g, s0, scale: float, size: int):
+    """(o in q's dtype, final state) of the blocks of `size` tokens in turn, differentiable by autograd (a new
+    tensor per product); g and s0 are in the compute dtype."""
+    cd, sums = g.dtype, block_sums(g, size)
+    # split, not sliced per block: a slice's backward writes a zero tensor of the whole input per block
+    state, parts = s0, []
+    for qc, kc, vc, gc in zip(q.split(size, 2), k.split(size, 2), v.split(size, 2), g.split(size, -1)):
+        o, state = block(qc.to(cd), kc.to(cd), vc.to(cd), sums(gc), state)
+        parts.append(o)
+    o = torch.cat(parts, dim=2) if parts else q.new_zeros(*q.shape[:3], v.shape[-1], dtype=cd)
+    return (o * scale if scale != 1.0 else o).to(q.dtype), state.clone() if not parts else state
+
+
+def blocks_in_place(q, k, v, g, s0, scale: float, size: int, save_at=()):
+    """(o, final state, the states before the tokens in `save_at`) of the blocks of `size` tokens, without
+    gradients: products fused and written over their own temporaries, the state updated in place."""
+    n, cd, sums = q.shape[2], g.dtype, block_sums(g, size)
+    out, state, saved = output_buffer(q, v.shape[-1]), s0.clone(memory_format=torch.contiguous_format), []
+    for start in range(0, n, size):
+        if start in save_at:
+            saved.append(state.clone())
+        part = slice(start, min(n, start + size))
+        _block_in_place(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), sums(g[..., part]),
+                        state, out[:, :, part], scale)  # fmt: skip
+    return out, state, saved
+
+
 def forward_blocks(x: AttentionInputs, size: int):
     """(o in the input dtype, final state) of the blocks of `size` tokens in turn (size >= N: one block),
     differentiable by autograd inside one node."""
-    cd, n = x.compute_dtype, x.seq_len
-    resets, shallow = survey(x.log_decay, size)
-    causal = causal_mask(min(size, max(n, 1)), x.device, cd if shallow else torch.bool)
-
-    def sums(g: torch.Tensor) -> Sums:
-        return Sums(g, causal[: g.shape[-1], : g.shape[-1]], resets, shallow)
-
-    def run(q, k, v, g, s0):
-        # split, not sliced per block: a slice's backward writes a zero tensor of the whole input per block
-        state, parts = s0, []
-        for qc, kc, vc, gc in zip(q.split(size, 2), k.split(size, 2), v.split(size, 2), g.split(size, -1)):
-            o, state = block(qc.to(cd), kc.to(cd), vc.to(cd), sums(gc), state)
-            parts.append(o)
-        o = torch.cat(parts, dim=2) if parts else x.q.new_zeros(x.batch, x.heads, 0, x.dv, dtype=cd)
-        return (o * x.scale if x.scale != 1.0 else o).to(x.dtype), state.clone() if not parts else state
-
     if x.requires_grad:
+
+        def run(q, k, v, g, s0):
+            return blocks_differentiable(q, k, v, g, s0, x.scale, size)
+
         return PlainAutogradFence.apply(run, x.q, x.k, x.v, x.log_decay, _initial(x))
-    out, state = output_buffer(x.q, x.dv), _initial(x).clone(memory_format=torch.contiguous_format)
-    for start in range(0, n, size):
-        part = slice(start, min(n, start + size))
-        _block_in_place(x.q[:, :, part].to(cd), x.k[:, :, part].to(cd), x.v[:, :, part].to(cd),
-                            sums(x.log_decay[..., part]), state, out[:, :, part], x.scale)  # fmt: skip
-    return out, state
+    return blocks_in_place(x.q, x.k, x.v, x.log_decay, _initial(x), x.scale, size)[:2]
 
 
 # ----- the recurrence, with its own backward (autograd.RecurrenceFunction) -----
