@@ -27,6 +27,7 @@ def path(request, monkeypatch):
     """Force one path: the state size in bytes up to which the state is one block."""
     whole = {"whole": 1 << 40, "blocks": 2 * DK * DV * 4}[request.param]  # blocks of two heads' fp32 states
     monkeypatch.setattr(recurrent, "CACHE_BLOCK_BYTES", whole)
+    monkeypatch.setattr(recurrent, "WHOLE_STATE_BYTES", 0 if request.param == "blocks" else whole)
     monkeypatch.setattr(recurrent, "MAX_THREADS", 1 << 10)  # the paths at any thread count
     return request.param
 

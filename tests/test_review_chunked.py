@@ -65,10 +65,11 @@ def test_a_decay_first_seen_under_a_default_device(decay):
 
 
 def test_decode_step_blocked_path_on_the_state_device_under_a_default_device(monkeypatch):
-    """recurrent.step's blocked and per-head paths (a CPU state over CACHE_BLOCK_BYTES at 1 torch thread) allocate
-    `new` and `o` with torch.empty(..., dtype=) and no device=: under a default device the step fails with
-    'Attempting to copy from device cpu to device meta'. The whole-state path (small states) and 4a2703e work."""
-    B, H, D = 2, 16, 128  # a 2 MiB fp32 state
+    """recurrent.step's blocked and per-head paths (a CPU state over WHOLE_STATE_BYTES and CACHE_BLOCK_BYTES per
+    torch thread) allocate `new` and `o` with torch.empty(..., dtype=) and no device=: under a default device the
+    step fails with 'Attempting to copy from device cpu to device meta'. The whole-state path (small states) and
+    4a2703e work."""
+    B, H, D = 10, 16, 128  # a 10 MiB fp32 state: blocks at 1 and 2 threads
     q, k, v = (randn(B, H, D, seed=i) for i in range(3))
     state = randn(B, H, D, D, seed=3)
     expected_o, expected_state = ld.decode_step(q, k, v, state, 0.9)

@@ -19,15 +19,18 @@ _FACTORS = ValueMemo()
 
 # CPU blocking of the decode step (2 MiB of L2 per core on this project's machine): the three passes of a step
 # (decay, rank-1 update, output product) run on one block of the state at a time, so that the second and third
-# find it in the cache. H=64, D=128, fp32, 1 torch thread, per token, interleaved (2026-11-30): B=4 2.94 -> 2.62
-# ms, B=16 12.4 -> 9.2 ms and 9.9 -> 7.8 ms in two runs; B=1 (a 4 MiB state) 0.89 ms either way. Below this size a
-# whole state is one block. (A per-head BLAS update with lambda as beta, one pass, was tried: 6-8% slower than
-# these blocks at B=16.)
+# find it in the cache; each op splits its block between the torch threads, so a block is CACHE_BLOCK_BYTES per
+# thread. H=64, D=128, fp32, per token (2026-11-30): 1 thread, B=4 2.94 -> 2.62 ms, B=16 12.4 -> 9.2 ms;
+# 2 threads, 1 MiB per thread against the three whole-state passes, state time over a copy's in three interleaved
+# runs: B=4 1.02 / 1.15 against 0.89 / 0.94, B=16 1.11 / 1.11 / 0.96 against 0.85 / 0.83 / 0.80 (a copy of the
+# state is slower than a step there: it writes a second 64 MiB). At B=1 (a 4 MiB state, in L3) blocks were no
+# faster (0.419 / 0.455 against 0.403 / 0.364 ms at 2 threads, two runs; 0.89 ms either way at 1 thread): states up
+# to WHOLE_STATE_BYTES take the three passes.
+# (A per-head BLAS update with lambda as beta, one pass, was tried: 6-8% slower than these blocks at B=16.)
 CACHE_BLOCK_BYTES = 1 << 20
-# Blocks only with at most this many torch threads: with 2 threads (this machine's default) the blocks are too
-# small to split between the threads, and the three whole-state passes, each split, were faster: B=1 0.300
-# against 0.435 ms, B=16 6.96 against 8.24 ms (`python -m benchmarks.cpu_decode`).
-MAX_THREADS = 1
+WHOLE_STATE_BYTES = 8 << 20
+# Blocks only with at most this many torch threads, the counts measured; with more, whole-state passes.
+MAX_THREADS = 2
 
 
 def step_decay(log_decay: torch.Tensor) -> torch.Tensor:
@@ -52,9 +55,10 @@ def step(state, q_t, k_t, v_t, lam, out=None):
     """
     b, h, dk, dv = state.shape
     head_bytes = dk * dv * state.element_size()
+    threads = torch.get_num_threads()
     if (
-        b * h * head_bytes <= CACHE_BLOCK_BYTES
-        or torch.get_num_threads() > MAX_THREADS
+        b * h * head_bytes <= max(CACHE_BLOCK_BYTES * threads, WHOLE_STATE_BYTES)
+        or threads > MAX_THREADS
         or not state.is_cpu
         or not state.is_contiguous()  # a strided view of a larger cache: one pass at a time over the whole state
         or out is not None
@@ -81,7 +85,7 @@ def step(state, q_t, k_t, v_t, lam, out=None):
         q_t.reshape(n, 1, dk),
         o,
     )
-    blocks = (t.split(max(1, CACHE_BLOCK_BYTES // head_bytes)) for t in operands)
+    blocks = (t.split(max(1, CACHE_BLOCK_BYTES * threads // head_bytes)) for t in operands)
     for s, s_new, lam_b, k_b, v_b, q_b, o_b in zip(*blocks):
         torch.bmm(q_b, torch.mul(s, lam_b, out=s_new).addcmul_(k_b, v_b), out=o_b)
     return o.view(b, h, dv), new
