@@ -24,6 +24,7 @@ CASES = [
     case("vanilla", [1, 2, 1200, 8, 8], "fp32"),
     case("vanilla", [2, 2, 800, 16, 16], "bf16", *STATES),
     case("vanilla", [1, 2, 800, 8, 8], "fp64", "grad"),
+    case("vanilla", [2, 2, 700, 16, 16], "fp32", "grad", "per_token", *STATES),
     case("recurrent", [4, 8, 200, 128, 128], "fp32", "output_final_state"),
     case("recurrent", [4, 8, 300, 128, 128], "fp32", "grad"),
     case("chunked", [2, 4, 4096, 64, 64], "fp32"),
