@@ -38,22 +38,24 @@ def block(q, k, v, sums: Sums, state):
     return o, state
 
 
-def _block_in_place(q, k, v, sums: Sums, state, out, scale: float):
+def _block_in_place(q, k, v, factors, state, out, scale: float):
     """`block` without gradients, each product fused with its sum and written over its own temporaries, on
-    (B*H, n, D) views; the state is updated in place; o is copied into `out` (B, H, n, Dv). (Written straight
-    into `out`, a strided view, the batched products ran per batch row: 1.85x the time.)"""
+    (B*H, n, D) views; the state is updated in place; o is copied into `out` (B, H, n, Dv). `factors` is the
+    block's Sums, or for a shallow block (exp(G), exp(-G), causal) in the compute dtype (`shallow_factors`).
+    (Written straight into `out`, a strided view, the batched products ran per batch row: 1.85x the time.)"""
     cd, (B, H, n, Dk), Dv = q.dtype, q.shape, v.shape[-1]
     q3, k3, v3 = q.reshape(B * H, n, Dk), k.reshape(B * H, n, Dk), v.reshape(B * H, n, Dv)
     s3 = state.view(B * H, Dk, Dv)
-    if sums.shallow:  # exp(G_t - G_s) (q_t . k_s) = (exp(G_t) q_t) . (exp(-G_s) k_s): the factors ride on q and k
-        down = sums.from_start(cd).view(B * H, n, 1)
-        decayed_q, raised_k = q3 * down, k3 * sums.raised(cd).view(B * H, n, 1)
-        scores = torch.bmm(decayed_q, raised_k.transpose(1, 2)).mul_(sums.causal)
+    if isinstance(factors, tuple):  # exp(G_t - G_s) (q_t . k_s) = (exp(G_t) q_t) . (exp(-G_s) k_s): on q and k
+        down, up, causal = factors
+        down = down.reshape(B * H, n, 1)
+        decayed_q, raised_k = q3 * down, k3 * up.reshape(B * H, n, 1)
+        scores = torch.bmm(decayed_q, raised_k.transpose(1, 2)).mul_(causal)
         decayed_k, whole = raised_k.mul_(down[:, -1:]), down[:, -1:]
     else:
-        scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(sums.within(cd).view(B * H, n, n))
-        decayed_q = q3 * sums.from_start(cd).view(B * H, n, 1)
-        decayed_k, whole = k3 * sums.to_end(cd).view(B * H, n, 1), sums.whole(cd).view(B * H, 1, 1)
+        scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(factors.within(cd).view(B * H, n, n))
+        decayed_q = q3 * factors.from_start(cd).view(B * H, n, 1)
+        decayed_k, whole = k3 * factors.to_end(cd).view(B * H, n, 1), factors.whole(cd).view(B * H, 1, 1)
     o = torch.bmm(decayed_q, s3).baddbmm_(scores, v3)
     if scale != 1.0:
         o.mul_(scale)
@@ -61,23 +63,34 @@ def _block_in_place(q, k, v, sums: Sums, state, out, scale: float):
     out.copy_(o.view(B, H, n, Dv))
 
 
-def block_sums(g: torch.Tensor, size: int):
+def shallow_factors(g: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(G) and exp(-G) (..., N) in g's dtype, G the fp64 cumulative sums of g within each block of `size`
+    tokens, for every block of a call at once: a shallow call's factors (gates.SHALLOW; no resets), as each
+    block's Sums gives them, in four ops per call rather than per block."""
+    n = g.shape[-1]
+    G = torch.nn.functional.pad(g.to(torch.float64), (0, -n % size)).unflatten(-1, (-1, size)).cumsum(-1)
+    G = G.flatten(-2)[..., :n]
+    return torch.exp(G).to(g.dtype), torch.exp(-G).to(g.dtype)
+
+
+class BlockSums:
     """The Sums maker of a call's log decays g (..., N) in blocks of `size` tokens: one read of the values decides
     resets and shallow blocks (gates.survey) for every block, forward and backward alike."""
-    n = g.shape[-1]
-    resets, shallow = survey(g, size)
-    causal = causal_mask(min(size, max(n, 1)), g.device, g.dtype if shallow else torch.bool)
 
-    def sums(part: torch.Tensor) -> Sums:
-        return Sums(part, causal[: part.shape[-1], : part.shape[-1]], resets, shallow)
+    def __init__(self, g: torch.Tensor, size: int):
+        self.resets, self.shallow = survey(g, size)
+        n = g.shape[-1]
+        self.causal = causal_mask(min(size, max(n, 1)), g.device, g.dtype if self.shallow else torch.bool)
 
-    return sums
+    def __call__(self, part: torch.Tensor) -> Sums:
+        r = part.shape[-1]
+        return Sums(part, self.causal[:r, :r], self.resets, self.shallow)
 
 
 def blocks_differentiable(q, k, v, g, s0, scale: float, size: int):
     """(o in q's dtype, final state) of the blocks of `size` tokens in turn, differentiable by autograd (a new
     tensor per product); g and s0 are in the compute dtype."""
-    cd, sums = g.dtype, block_sums(g, size)
+    cd, sums = g.dtype, BlockSums(g, size)
     # split, not sliced per block: a slice's backward writes a zero tensor of the whole input per block
     state, parts = s0, []
     for qc, kc, vc, gc in zip(q.split(size, 2), k.split(size, 2), v.split(size, 2), g.split(size, -1)):
@@ -90,14 +103,20 @@ def blocks_differentiable(q, k, v, g, s0, scale: float, size: int):
 def blocks_in_place(q, k, v, g, s0, scale: float, size: int, save_at=()):
     """(o, final state, the states before the tokens in `save_at`) of the blocks of `size` tokens, without
     gradients: products fused and written over their own temporaries, the state updated in place."""
-    n, cd, sums = q.shape[2], g.dtype, block_sums(g, size)
+    n, cd, sums = q.shape[2], g.dtype, BlockSums(g, size)
     out, state, saved = output_buffer(q, v.shape[-1]), s0.clone(memory_format=torch.contiguous_format), []
+    down, up = shallow_factors(g, size) if sums.shallow else (None, None)
     for start in range(0, n, size):
         if start in save_at:
             saved.append(state.clone())
         part = slice(start, min(n, start + size))
-        _block_in_place(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), sums(g[..., part]),
-                        state, out[:, :, part], scale)  # fmt: skip
+        if sums.shallow:
+            r = part.stop - start
+            factors = (down[..., part], up[..., part], sums.causal[:r, :r])
+        else:
+            factors = sums(g[..., part])
+        _block_in_place(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), factors, state,
+                        out[:, :, part], scale)  # fmt: skip
     return out, state, saved
 
 

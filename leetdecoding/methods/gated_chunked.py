@@ -34,7 +34,7 @@ import torch
 from .base import empty_output, output_buffer
 from .chunk_backward import chunks_in_reverse, state_gradient
 from .chunk_steps import Chunks, span_length, spans
-from .gated import block_sums, blocks_differentiable, blocks_in_place
+from .gated import BlockSums, blocks_differentiable, blocks_in_place
 
 
 def gated_chunked_fwd(q, k, v, log_decay, scale, initial_state, chunk_size, span_bytes, save_starts):
@@ -61,7 +61,7 @@ def gated_chunked_bwd(
     grad = state_gradient(d_final, q, v, cd)
     grads = [output_buffer(t, t.shape[-1]) for t in (q, k, v)]
     grads.append(empty_output(log_decay.shape, cd, q.device) if decay_grad else None)
-    sums = block_sums(log_decay, max(1, min(chunk_size, q.shape[2])))
+    sums = BlockSums(log_decay, max(1, min(chunk_size, q.shape[2])))
 
     def make_step(r: int) -> GatedBackwardStep:
         return GatedBackwardStep(q, k, v, do, log_decay, grads, sums, r, scale)
