@@ -131,7 +131,9 @@ class Sums:
 # A block whose log decays sum to at least -SHALLOW[dtype] (and holds no reset) forms its factors as
 # exp(G_t) exp(-G_s), each exponential taken in fp64 and rounded to the compute dtype, then multiplied there:
 # exp(-G_s) <= exp(40) ~ 2e17 stays far from fp32's overflow (3e38; fp64: exp(300) ~ 2e130), also times a key
-# (without gradients the factors multiply q and k before their product), and the product is
+# (without gradients the factors multiply q and k before their product: keys up to about 1e21 in fp32; the scores
+# above the diagonal, whose factors exp(G_t - G_s) exceed 1 and can overflow, are filled with 0, not masked by a
+# product, which would turn an inf into NaN), and the product is
 # exact to about three roundings of the dtype (2e-7 in fp32, below its 2e-6 tolerance), as exp(G_t - G_s) would
 # be to one; 2n exponentials per block instead of n^2, and the products in the dtype of the matmul.
 SHALLOW = {torch.float64: 300.0, torch.float32: 40.0}

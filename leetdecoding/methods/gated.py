@@ -41,16 +41,19 @@ def block(q, k, v, sums: Sums, state):
 def _block_in_place(q, k, v, factors, state, out, scale: float):
     """`block` without gradients, each product fused with its sum and written over its own temporaries, on
     (B*H, n, D) views; the state is updated in place; o is copied into `out` (B, H, n, Dv). `factors` is the
-    block's Sums, or for a shallow block (exp(G), exp(-G), causal) in the compute dtype (`shallow_factors`).
-    (Written straight into `out`, a strided view, the batched products ran per batch row: 1.85x the time.)"""
+    block's Sums, or for a shallow block (exp(G), exp(-G) in the compute dtype (`shallow_factors`), and the bool
+    mask of the pairs s > t). (Written straight into `out`, a strided view, the batched products ran per batch
+    row: 1.85x the time.)"""
     cd, (B, H, n, Dk), Dv = q.dtype, q.shape, v.shape[-1]
     q3, k3, v3 = q.reshape(B * H, n, Dk), k.reshape(B * H, n, Dk), v.reshape(B * H, n, Dv)
     s3 = state.view(B * H, Dk, Dv)
     if isinstance(factors, tuple):  # exp(G_t - G_s) (q_t . k_s) = (exp(G_t) q_t) . (exp(-G_s) k_s): on q and k
-        down, up, causal = factors
+        down, up, later = factors
         down = down.reshape(B * H, n, 1)
         decayed_q, raised_k = q3 * down, k3 * up.reshape(B * H, n, 1)
-        scores = torch.bmm(decayed_q, raised_k.transpose(1, 2)).mul_(causal)
+        # above the diagonal (s > t) the factor is exp(G_t - G_s) >= 1, up to exp(SHALLOW): for large q and k
+        # (|q_t . k_s| > 1e21 in fp32) the score is inf there, and inf times a mask's 0 would be NaN; filled instead
+        scores = torch.bmm(decayed_q, raised_k.transpose(1, 2)).masked_fill_(later, 0.0)
         decayed_k, whole = raised_k.mul_(down[:, -1:]), down[:, -1:]
     else:
         scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(factors.within(cd).view(B * H, n, n))
@@ -106,13 +109,14 @@ def blocks_in_place(q, k, v, g, s0, scale: float, size: int, save_at=()):
     n, cd, sums = q.shape[2], g.dtype, BlockSums(g, size)
     out, state, saved = output_buffer(q, v.shape[-1]), s0.clone(memory_format=torch.contiguous_format), []
     down, up = shallow_factors(g, size) if sums.shallow else (None, None)
+    later = sums.causal == 0 if sums.shallow else None  # the pairs s > t, for the shallow blocks' scores
     for start in range(0, n, size):
         if start in save_at:
             saved.append(state.clone())
         part = slice(start, min(n, start + size))
         if sums.shallow:
             r = part.stop - start
-            factors = (down[..., part], up[..., part], sums.causal[:r, :r])
+            factors = (down[..., part], up[..., part], later[:r, :r])
         else:
             factors = sums(g[..., part])
         _block_in_place(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), factors, state,
