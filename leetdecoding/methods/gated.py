@@ -80,8 +80,9 @@ class BlockSums:
     """The Sums maker of a call's log decays g (..., N) in blocks of `size` tokens: one read of the values decides
     resets and shallow blocks (gates.survey) for every block, forward and backward alike."""
 
-    def __init__(self, g: torch.Tensor, size: int):
+    def __init__(self, g: torch.Tensor, size: int, shallow: bool = True):
         self.resets, self.shallow = survey(g, size)
+        self.shallow &= shallow  # shallow=False: every block's factors from its exp(G_t - G_s) table
         n = g.shape[-1]
         self.causal = causal_mask(min(size, max(n, 1)), g.device, g.dtype if self.shallow else torch.bool)
 
@@ -103,10 +104,15 @@ def blocks_differentiable(q, k, v, g, s0, scale: float, size: int):
     return (o * scale if scale != 1.0 else o).to(q.dtype), state.clone() if not parts else state
 
 
-def blocks_in_place(q, k, v, g, s0, scale: float, size: int, save_at=()):
+def blocks_in_place(q, k, v, g, s0, scale: float, size: int, save_at=(), shallow: bool = True):
     """(o, final state, the states before the tokens in `save_at`) of the blocks of `size` tokens, without
-    gradients: products fused and written over their own temporaries, the state updated in place."""
-    n, cd, sums = q.shape[2], g.dtype, BlockSums(g, size)
+    gradients: products fused and written over their own temporaries, the state updated in place.
+
+    Shallow blocks raise each key by exp(-G_s) (up to exp(SHALLOW), gates.py) before its product with q: a key
+    beyond the dtype's largest number over that (about 1e21 in fp32) overflows though the result may be finite.
+    Such a key leaves the final state non-finite (its raised copy enters it), so a shallow call whose final state
+    is not finite runs again with every block's exp(G_t - G_s) table (non-finite inputs pay for two runs)."""
+    n, cd, sums = q.shape[2], g.dtype, BlockSums(g, size, shallow)
     out, state, saved = output_buffer(q, v.shape[-1]), s0.clone(memory_format=torch.contiguous_format), []
     down, up = shallow_factors(g, size) if sums.shallow else (None, None)
     later = sums.causal == 0 if sums.shallow else None  # the pairs s > t, for the shallow blocks' scores
@@ -121,6 +127,8 @@ def blocks_in_place(q, k, v, g, s0, scale: float, size: int, save_at=()):
             factors = sums(g[..., part])
         _block_in_place(q[:, :, part].to(cd), k[:, :, part].to(cd), v[:, :, part].to(cd), factors, state,
                         out[:, :, part], scale)  # fmt: skip
+    if sums.shallow and not bool(torch.isfinite(state).all()):
+        return blocks_in_place(q, k, v, g, s0, scale, size, save_at, shallow=False)
     return out, state, saved
 
 

@@ -22,18 +22,12 @@ sequence's own length T), so it needs no term of its own.
 
 With per-token decays (PER_TOKEN) the kernels take each chunk's factors from `prologue.token_decays`, as the
 forward does (exp(G_t - G_s), exp(G_t), exp(G_last - G_s), exp(G_last) for lambda^(i-j), lambda^(i+1),
-lambda^(L-1-j), lambda^L), which gives dq, dk, dv and dS_0 unchanged. d log lambda_u is the sum of every term of the
-loss whose factor spans token u (a pair s < u <= t, with the initial state as s = -1 and the final state as t = N):
-
-    dA_t = q_t . dq_t - k_t . dk_t                      (the gradient w.r.t. the cumulative sum at t)
-    d log lambda_u = sum_{t >= u in the sequence} dA_t + <S_N, dS_N>,         0 for a reset (g_u < `negligible`)
-
-(a pair with u <= s <= t is in both q_t . dq_t and k_s . dk_s and cancels). fla's chunk_simple_gla backward
-(fla/ops/simple_gla/chunk.py) computes dg the same way from q dq - k dk, with per-chunk states for the last
-token's term; here the dq kernel stores q_t . dq_t per token and Dk block (fp32), and the dk kernel, walking
-backwards, subtracts k_t . dk_t, sums within the chunk in reverse and adds the carry (<S_N, dS_N> then each later
-chunk's sum of dA), so no state is stored. Its absolute error is about eps x the size of the terms summed (the
-cancelling pairs included), like the torch methods' autograd through exp(G).
+lambda^(L-1-j), lambda^L), which gives dq, dk, dv and dS_0 unchanged. They give no gradient for the per-token
+decays: the one form that needs no stored state, d log lambda_u = sum_{t >= u} (q_t . dq_t - k_t . dk_t) +
+<S_N, dS_N> (fla's chunk_simple_gla backward), subtracts terms of the size of the pairs near the diagonal to get
+a result as small as the decays across u (a kernel of it was off by 0.27 of the largest entry at log decays of
+-15 in fp32); the exact sums of pair terms (leetdecoding.methods.gated_chunked) need the state and its gradient at
+every chunk's border together. TritonChunked refuses a per-token decay that requires grad.
 
 Nothing of size N Dk Dv (not even per-chunk states) is stored: memory is the inputs, outputs and their grads.
 Names as in `chunked_fwd` (K and V the head dims; dq, dk, dv the gradients' pointers and b_dq, b_dk, b_dv their
@@ -60,30 +54,16 @@ def distances(BT: tl.constexpr, ACC: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], o_t[:, None] - o_t[None, :], 0).to(ACC)
 
 
-@triton.jit
-def token_decay_grad(p_dgt, b_k, b_dk, b_carry, p_g, m_t, neg, BT: tl.constexpr, ACC: tl.constexpr):
-    """PER_TOKEN: a chunk's d log lambda_u for one Dk block, in the dk kernel's backward walk (module docstring).
-    dA_t = q_t . dq_t (stored at p_dgt by the dq kernel) - k_t . dk_t; d log lambda_u = sum_{t >= u in the chunk}
-    dA_t + b_carry (every entry: <S_N, dS_N> plus the later chunks' dA), 0 for a reset (g_u < neg: its factors
-    are 0 whatever g_u). Stored over the query side at p_dgt; returns the carry for the chunk before."""
-    b_da = tl.load(p_dgt, mask=m_t, other=0) - tl.reduce(b_k.to(ACC) * b_dk, 1, _sum_combine)
-    o_t = tl.arange(0, BT)
-    b_rev = tl.reduce(tl.where(o_t[None, :] >= o_t[:, None], b_da[None, :], 0), 1, _sum_combine)
-    b_g = tl.load(p_g, mask=m_t, other=0)
-    tl.store(p_dgt, tl.where(b_g < neg, 0, b_rev + b_carry), mask=m_t)
-    return b_carry + tl.reduce(b_da, 0, _sum_combine)
-
-
 @triton.jit(do_not_specialize=NO_SPEC)
 def chunked_bwd_dq_kernel(
-    q, k, v, do, dq, s0, dg_q, dgt, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale, N, H, K, V,
+    q, k, v, do, dq, s0, dg_q, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale, N, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, VARLEN: tl.constexpr,
     PER_TOKEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dq for one Dk block (all of Dv), walking forwards with S^T (V x BK); also this block's share of
-    d log lambda's query-side terms (the module docstring): per head summed, per token q_t . dq_t into dgt."""
+    d log lambda's query-side terms (the module docstring; per head only)."""
     i_bh, i_b, i_h = program_head(H)
     g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q = head_decays(log_decay, decay, i_h, BT, ACC)
     i_b, bos, T, i_n = sequence(cu_seqlens, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
@@ -97,7 +77,6 @@ def chunked_bwd_dq_kernel(
     p_do0 = do + i_b * sdb + i_h * sdh + bos * sdn + o_v[None, :] * sdd
     p_g0 = g + i_b * sgb + i_h * sgh + bos * sgn  # per-token log decays (PER_TOKEN)
     nk = tl.num_programs(1)
-    p_dgt0 = dgt + ((i_b * H + i_h) * N + bos) * nk + i_k  # dgt is contiguous (B, H, N, Dk blocks), ACC
 
     b_st = tl.zeros([BV, BK], dtype=ACC)  # S^T for this Dk block
     if USE_INITIAL_STATE:
@@ -121,9 +100,7 @@ def chunked_bwd_dq_kernel(
         b_dq_inter = mixed_dot(b_st, b_do, False, MODE, PREC) * b_w_q[:, None]  # through the carried state
         b_dq = (mixed_dot(b_dov, b_k, True, MODE, PREC) + b_dq_inter) * scale
         b_st_add = mixed_dot(b_k_end, b_vt, False, MODE, PREC)
-        if PER_TOKEN:  # q_t . dq_t (unrounded): the query side of dA_t
-            tl.store(p_dgt0 + r_t * nk, tl.reduce(b_q.to(ACC) * b_dq, 1, _sum_combine), mask=m_t)
-        else:  # d log lambda: intra-chunk pairs weighted by t - s, the inter-chunk part by t - p + 1 (no cancellation)
+        if not PER_TOKEN:  # d log lambda: intra-chunk pairs by t - s, inter-chunk part by t - p + 1 (nothing cancels)
             b_dq_w = mixed_dot(b_dov * b_dist, b_k, True, MODE, PREC) + b_dq_inter * e_q[:, None]
             b_dg += tl.reduce(b_q.to(ACC) * b_dq_w, 1, _sum_combine)
         if ROUND_BF16:
@@ -136,7 +113,7 @@ def chunked_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=NO_SPEC)
 def chunked_bwd_dk_kernel(
-    q, k, v, do, dk, dsn, s0, ds0, dg_k, dgt, fin, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale,
+    q, k, v, do, dk, dsn, s0, ds0, dg_k, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale,
     N, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     snb, snh, snk, snv, s0b, s0h, s0k, s0v,
@@ -146,8 +123,7 @@ def chunked_bwd_dk_kernel(
 ):  # fmt: skip
     """dk for one Dk block (all of Dv), walking backwards with dH^T (V x BK) and its gap-weighted twin dH'^T;
     also dS_0 (with an initial state) and this block's share of d log lambda's key-side terms (the module
-    docstring): per head summed into dg_k, per token completed in dgt (`token_decay_grad`); fin: <S_N, dS_N> per
-    sequence and head (PER_TOKEN with USE_FINAL_GRAD)."""
+    docstring; per head only)."""
     i_bh, i_b, i_h = program_head(H)
     g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q = head_decays(log_decay, decay, i_h, BT, ACC)
     i_b, bos, T, i_n = sequence(cu_seqlens, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
@@ -163,16 +139,13 @@ def chunked_bwd_dk_kernel(
     p_dk0 = dk + ((i_b * H + i_h) * N + bos) * K + o_k[None, :]
     p_g0 = g + i_b * sgb + i_h * sgh + bos * sgn  # per-token log decays (PER_TOKEN)
     nk = tl.num_programs(1)
-    p_dgt0 = dgt + ((i_b * H + i_h) * N + bos) * nk + i_k  # dgt is contiguous (B, H, N, Dk blocks), ACC
 
     b_dht = tl.zeros([BV, BK], dtype=ACC)  # dH^T for this Dk block
     if USE_FINAL_GRAD:
         p_dsn = dsn + i_n * snb + i_h * snh + o_v[:, None] * snv + o_k[None, :] * snk
         b_dht = tl.load(p_dsn, mask=m_vk, other=0).to(ACC)
     b_dht_gap = tl.zeros([BV, BK], dtype=ACC)  # dH'^T: 0 after the last chunk (the final state's gap is 0)
-    b_dg = tl.zeros([BT], dtype=ACC)  # per token: the carry (all entries equal), from the final state's term
-    if PER_TOKEN and USE_FINAL_GRAD:
-        b_dg += tl.where(i_k == 0, tl.load(fin + i_bh), 0)  # once per sequence and head, in the first Dk block
+    b_dg = tl.zeros([BT], dtype=ACC)
 
     n_chunks = (T + BT - 1) // BT
     for i_r in range(0, n_chunks):
@@ -191,9 +164,7 @@ def chunked_bwd_dk_kernel(
         b_dk_inter = mixed_dot(b_dht, b_v, False, MODE, PREC) * b_lam_k[:, None]  # through dH
         b_dk = mixed_dot(b_vdo, b_q, True, MODE, PREC) * scale + b_dk_inter
         b_dht_add = mixed_dot(b_q_start, b_dot, False, MODE, PREC)
-        if PER_TOKEN:  # dA_t = q_t . dq_t - k_t . dk_t (unrounded), summed backwards into d log lambda
-            b_dg = token_decay_grad(p_dgt0 + r_t * nk, b_k, b_dk, b_dg, p_g0 + r_t * sgn, m_t, neg, BT, ACC)
-        else:  # d log lambda: the inter-chunk part of dk weighted by e - 1 - s, the gaps p - e through dH'
+        if not PER_TOKEN:  # d log lambda: the inter-chunk part of dk weighted by e - 1 - s, the gaps p - e through dH'
             e_e = tl.maximum(n_c - 1 - tl.arange(0, BT), 0).to(ACC)
             b_dk_w = b_dk_inter * e_e[:, None] + mixed_dot(b_dht_gap, b_v, False, MODE, PREC) * b_lam_k[:, None]
             b_dg += tl.reduce(b_k.to(ACC) * b_dk_w, 1, _sum_combine)
@@ -291,9 +262,9 @@ def backward(
     precision: str,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dq, dk, dv, dlog_decay, dinitial_state or None); dlog_decay has log_decay's shape: (H,) per head, (B, H, N)
-    (or (1, H, T) packed) per token. `final_state` is read for per-token decays only (the term <S_N, dS_N> of
-    d log lambda); per head, the parameter stays for the operator's schema (leetdecoding.methods.triton.ops)."""
+    """(dq, dk, dv, dlog_decay, dinitial_state or None); dlog_decay has log_decay's shape, and is zeros for per-token
+    decays (B, H, N) (or (1, H, T) packed), which get no gradient here (the module docstring). `final_state` is not
+    read; the parameter stays for the operator's schema (leetdecoding.methods.triton.ops)."""
     B, H, N, Dk = q.shape
     rows = packed_rows(q, cu_seqlens, initial_state=initial_state, final_state=final_state, dfinal=dfinal)
     Dv = v.shape[-1]
@@ -320,13 +291,12 @@ def backward(
     nk = triton.cdiv(Dk, bk)
     dg_q = torch.empty(rows * H, nk, dtype=acc, device=q.device)
     dg_k = torch.empty(rows * H, nk, dtype=acc, device=q.device)
-    dgt, fin = _token_buffers(per_token, q, final_state, dfinal, nk, acc)
     sizes = (scale, N, H, Dk, Dv)
 
     def run_dq(variant):
         bt, stages = variant
         launcher(chunked_bwd_dq_kernel)[(rows * H, nk)](
-            q, k, v, do, dq, s0_or_any, dg_q, dgt, g_split, decay_power(head, bt), *tokens, cu, *sizes,
+            q, k, v, do, dq, s0_or_any, dg_q, g_split, decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(initial_state),
             BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
@@ -335,7 +305,7 @@ def backward(
     def run_dk(variant):
         bt, stages = variant
         launcher(chunked_bwd_dk_kernel)[(rows * H, nk)](
-            q, k, v, do, dk, dfinal_or_any, s0_or_any, ds0 if ds0 is not None else dg_k, dg_k, dgt, fin, g_split,
+            q, k, v, do, dk, dfinal_or_any, s0_or_any, ds0 if ds0 is not None else dg_k, dg_k, g_split,
             decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dfinal), *strides(initial_state),
             BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, USE_INITIAL_STATE=ds0 is not None, **flags,
@@ -357,25 +327,9 @@ def backward(
     launch(("dq", *key), chunk_variants(bt_k, stages), run_dq)
     launch(("dk", *key), chunk_variants(bt_k, stages), run_dk)
     launch(("dv", *key), chunk_variants(bt_v, stages), run_dv)
-    if per_token:  # each Dk block's share of d log lambda_t, summed
-        return dq, dk, dv, dgt.sum(-1).to(log_decay.dtype), ds0
+    if per_token:  # no decay gradient (the module docstring): zeros of its shape for the operator's schema
+        return dq, dk, dv, torch.zeros_like(log_decay), ds0
     # dlog_lambda: the query- and key-side distance-weighted sums (nothing cancels; the final state's pairs are
     # in the key side), per Dk block and sequence, summed per head
     dg = (dg_q.double().sum(-1) + dg_k.double().sum(-1)).view(rows, H).sum(0)
     return dq, dk, dv, dg.to(log_decay.dtype), ds0
-
-
-def _token_buffers(per_token, q, final_state, dfinal, nk: int, acc: torch.dtype):
-    """Per token: dgt (B, H, N, Dk blocks), each Dk block's share of q_t . dq_t and then of d log lambda_t, and fin,
-    <S_N, dS_N> per sequence and head (the final state's term; a placeholder without dfinal). Placeholders per
-    head (the kernels do not read them)."""
-    if not per_token:
-        return q, q
-    B, H, N, _ = q.shape
-    dgt = torch.empty(B, H, N, nk, dtype=acc, device=q.device)
-    if dfinal is None:
-        return dgt, dgt
-    if final_state is None:
-        raise ValueError("per-token decays: the backward needs final_state with dfinal (d log lambda reads both).")
-    fin = (final_state.double() * dfinal.double()).sum((-2, -1))  # (rows, H)
-    return dgt, fin.to(acc).contiguous()

@@ -137,6 +137,8 @@ def _chunked_setup(ctx, inputs, output):
 @backward_without_autocast
 def _chunked_grad(ctx, do, dfinal):
     q, k, v, log_decay, initial_state, final, cu_seqlens = ctx.saved_tensors
+    if log_decay.ndim == 3 and ctx.needs_input_grad[3]:  # TritonChunked refuses it; the op called directly
+        raise RuntimeError("triton_chunked has no gradient for per-token decays (log_decay requires grad).")
     if final is None or dfinal is None or dfinal.numel() == 0:
         dfinal, final = None, None
     with torch.no_grad():  # the kernels have no graph: under create_graph=True, refuse_double_backward says so
