@@ -298,7 +298,7 @@ def backward(
     tokens = token_log_decays(log_decay)
     flags = dot_flags(q.dtype, precision)
     per_token_grad = per_token and decay_grad
-    flags["VARLEN"], flags["PER_TOKEN"], flags["DG"] = cu_seqlens is not None, per_token, per_token_grad
+    flags["VARLEN"], flags["PER_TOKEN"] = cu_seqlens is not None, per_token
     cu = cu_seqlens if cu_seqlens is not None else log_decay  # a pointer the kernels never read without VARLEN
     dq = torch.empty(B, H, N, Dk, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, N, Dk, dtype=k.dtype, device=q.device)
@@ -321,7 +321,7 @@ def backward(
         launcher(chunked_bwd_dq_kernel)[(rows * H, nk)](
             q, k, v, do, dq, s0_or_any, dg_q, dgt, states, g_split, decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(initial_state),
-            BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, **flags,
+            BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, DG=per_token_grad, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
         )  # fmt: skip
 
@@ -331,7 +331,8 @@ def backward(
             q, k, v, do, dk, dfinal_or_any, s0_or_any, ds0 if ds0 is not None else dg_k, dg_k, dgt, states, g_split,
             decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dfinal), *strides(initial_state),
-            BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, USE_INITIAL_STATE=ds0 is not None, **flags,
+            BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, USE_INITIAL_STATE=ds0 is not None,
+            DG=per_token_grad, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
         )  # fmt: skip
 
