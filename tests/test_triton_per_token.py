@@ -2,8 +2,9 @@
 triton_recurrent and triton_chunked, and the fused decode step, fp32 and fp64, with no decay, tiny, strong and
 reset log decays (0, -1e-7, -30, -1e4, -inf) mixed in, initial and final states, packed sequences, a strided
 decay, decode steps continuing a prefill; triton_chunked's backward (q, k, v, initial state and the per-token log
-decays, packed sequences too) against autograd of an fp64 recurrence; the refusal of per-token decays that require
-grad by the methods without a backward.
+decays, packed sequences too) against autograd of an fp64 recurrence, the decay's gradient also at strong decays
+(-5, -15, mixed with 0 and -inf) where a form that subtracts sums would cancel; the refusal of per-token decays
+that require grad by the methods without a backward.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py): the problems are tiny.
 """
@@ -174,10 +175,9 @@ def recurrence(q, k, v, log_decay, s0, scale):
     return (torch.stack(outs, 2) if outs else v.new_zeros(*q.shape[:3], v.shape[-1])), state
 
 
-def assert_grads_close(got, want, dtype):
-    """fp64: to 1e-10 as the torch methods' tests (tests/test_per_token.py); fp32: to 1e-4 of the largest entry.
-    The per-token decay is fixed (triton_chunked gives no gradient for it: see the refusal test)."""
-    for name, a, b in zip(("q", "k", "v", "initial_state"), got, want):
+def assert_grads_close(got, want, dtype, names=("q", "k", "v", "log_decay", "initial_state")):
+    """fp64: to 1e-10 as the torch methods' tests (tests/test_per_token.py); fp32: to 1e-4 of the largest entry."""
+    for name, a, b in zip(names, got, want):
         atol = 1e-10 if dtype == torch.float64 else 1e-4 * b.abs().max().item()
         assert a.dtype == (dtype if name in "qkv" else b.dtype if dtype == torch.float64 else torch.float32)
         assert torch.allclose(a.cpu().double(), b, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=atol), name
@@ -187,24 +187,61 @@ def leaves_of(tensors, dtype=None):
     return [t.detach().clone().to(dtype=dtype or t.dtype).requires_grad_() for t in tensors]
 
 
+def gradients(q, k, v, log_decay, s0, learned=True):
+    """Of triton_chunked and of the fp64 recurrence (autograd): the gradients of a random linear loss on the output
+    and the final state (scale 0.7), with respect to q, k, v, log_decay (only if `learned`) and s0."""
+    w = torch.randn(*q.shape[:3], DV, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w_state = torch.randn(*s0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fixed = log_decay.cpu().double()
+    got_leaves = leaves_of((q, k, v, log_decay, s0) if learned else (q, k, v, s0))
+    o, state = ld.attention(*got_leaves[:3], log_decay=got_leaves[3] if learned else log_decay,
+                            initial_state=got_leaves[-1], scale=0.7, output_final_state=True,
+                            method="triton_chunked")  # fmt: skip
+    loss = (o * w.to(DEVICE, o.dtype)).sum() + (state * w_state.to(DEVICE, state.dtype)).sum()
+    got = torch.autograd.grad(loss, got_leaves)
+    leaves = leaves_of([t.cpu() for t in got_leaves], torch.float64)
+    o, state = recurrence(*leaves[:3], leaves[3] if learned else fixed, leaves[-1], 0.7)
+    return got, torch.autograd.grad((o * w).sum() + (state * w_state).sum(), leaves)
+
+
+@pytest.mark.parametrize("learned", [True, False], ids=["learned-decay", "fixed-decay"])
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
-def test_chunked_gradients_match_autograd_of_the_fp64_recurrence(dtype, backward_chunks_of_16):
+def test_chunked_gradients_match_autograd_of_the_fp64_recurrence(dtype, learned, backward_chunks_of_16):
     """N = 37 (not a multiple of the chunk), Dk != Dv, log decays 0, -1e-7, -30, -1e4, -inf at token 0, at chunk
-    edges (15, 16, 31, 32) and at the last token, an initial state, a loss on the output and the final state."""
+    edges (15, 16, 31, 32) and at the last token, an initial state, a loss on the output and the final state; the
+    decay learned (its gradient compared too) or fixed (the kernels skip its gradient)."""
     q, k, v, log_decay, s0 = problem(n=37, dtype=dtype)
     for i, t in enumerate([31, 32, 36, 33, 34]):
         log_decay[i % 2, (i + 1) % H, t] = [-30.0, float("-inf"), -1e-7, -1e4, 0.0][i]
-    w = torch.randn(*q.shape[:3], DV, dtype=torch.float64)
-    w_state = torch.randn(*s0.shape, dtype=torch.float64)
-    got_leaves = leaves_of((q, k, v, s0))
-    o, state = ld.attention(*got_leaves[:3], log_decay=log_decay, initial_state=got_leaves[3], scale=0.7,
-                            output_final_state=True, method="triton_chunked")  # fmt: skip
-    loss = (o * w.to(DEVICE, o.dtype)).sum() + (state * w_state.to(DEVICE, state.dtype)).sum()
-    got = torch.autograd.grad(loss, got_leaves)
-    leaves = leaves_of([t.cpu() for t in (q, k, v, s0)], torch.float64)
-    o, state = recurrence(*leaves[:3], log_decay.cpu().double(), leaves[3], 0.7)
-    want = torch.autograd.grad((o * w).sum() + (state * w_state).sum(), leaves)
+    got, want = gradients(q, k, v, log_decay, s0, learned)
+    names = ("q", "k", "v", "log_decay", "initial_state") if learned else ("q", "k", "v", "initial_state")
+    assert_grads_close(got, want, dtype, names)
+
+
+def strong(log_decay: torch.Tensor, kind: str) -> torch.Tensor:
+    """Every log decay -5 or -15, or -15 with 0 and -inf mixed in (at chunk edges 0, 15, 16 and inside at 19)."""
+    if kind != "mixed":
+        return torch.full_like(log_decay, float(kind))
+    out = torch.full_like(log_decay, -15.0)
+    out[..., 1::3] = 0.0
+    out[..., [0, 15, 16, 19]] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["-5", "-15", "mixed"])
+@pytest.mark.parametrize("n", [20, 37])
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+def test_chunked_decay_gradient_at_strong_decays(dtype, n, kind, backward_chunks_of_16):
+    """d log_decay within 2e-6 (fp32) or 1e-10 (fp64) of its largest entry at log decays of -5 and -15: the pairs
+    near the diagonal are O(1) while the gradient is a sum of terms exp(G_t - G_s) over pairs crossing each token,
+    as small as e^-15 where a pair crosses one token more; a form subtracting sums of O(1) terms was off by 0.27
+    of the largest entry at -15 in fp32."""
+    q, k, v, log_decay, s0 = problem(n=n, dtype=dtype)
+    got, want = gradients(q, k, v, strong(log_decay, kind), s0)
     assert_grads_close(got, want, dtype)
+    tol = 1e-10 if dtype == torch.float64 else 2e-6
+    err = (got[3].cpu().double() - want[3]).abs().max().item()
+    assert err <= tol * want[3].abs().max().item(), f"d log_decay off by {err:.3g}"
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
@@ -215,16 +252,15 @@ def test_chunked_gradients_of_packed_sequences(dtype, backward_chunks_of_16):
     cuts = [0, 1, 18, 18, 40]
     s0 = problem(b=len(cuts) - 1, n=1, dtype=dtype)[4]
     cu = torch.tensor(cuts, dtype=torch.int32, device=DEVICE)
-    got_leaves = leaves_of((q, k, v, s0))
-    o, states = ld.attention(*got_leaves[:3], log_decay=log_decay, cu_seqlens=cu, initial_state=got_leaves[3],
+    got_leaves = leaves_of((q, k, v, log_decay, s0))
+    o, states = ld.attention(*got_leaves[:3], log_decay=got_leaves[3], cu_seqlens=cu, initial_state=got_leaves[4],
                              output_final_state=True, method="triton_chunked")  # fmt: skip
     got = torch.autograd.grad(o.sum() + states.pow(2).sum(), got_leaves)
-    leaves = leaves_of([t.cpu() for t in (q, k, v, s0)], torch.float64)
-    fixed = log_decay.cpu().double()
+    leaves = leaves_of([t.cpu() for t in got_leaves], torch.float64)
     loss = 0
     for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
-        part = [t[:, :, a:b] for t in (*leaves[:3], fixed)]
-        o, state = recurrence(*part, leaves[3][i : i + 1], 1.0)
+        part = [t[:, :, a:b] for t in leaves[:4]]
+        o, state = recurrence(*part, leaves[4][i : i + 1], 1.0)
         loss = loss + o.sum() + state.pow(2).sum()
     assert_grads_close(got, torch.autograd.grad(loss, leaves), dtype)
 
@@ -243,18 +279,12 @@ def test_explain_shows_which_triton_methods_take_per_token_decays():
 
 
 def test_per_token_decays_that_require_grad_are_refused_by_the_methods_without_a_backward():
-    """triton_chunked trains q, k, v and the initial state with a fixed per-token decay (tested above) but gives no
-    gradient for the decay itself: the stateless form of it, sum_{t >= u} (q_t . dq_t - k_t . dk_t), was off by
-    0.27 of the largest entry at log decays of -15 in fp32 (a review found it); auto then takes the torch chunked
-    method, whose decay gradient is exact. triton_recurrent and the decode step have no backward and say so."""
+    """triton_chunked trains a per-token decay (tested above) and takes one that requires grad; triton_recurrent
+    and the decode step have no backward and say so."""
     q, k, v, log_decay, _ = problem(n=5)
     assert "triton_chunked" not in ld.explain(q.clone().requires_grad_(), k, v, log_decay=log_decay).refusals
     learned = log_decay.clone().requires_grad_()
-    refusals = ld.explain(q, k, v, log_decay=learned).refusals
-    assert "no gradient for per-token decays" in "; ".join(refusals["triton_chunked"])
-    assert ld.explain(q, k, v, log_decay=learned).method in ("vanilla", "chunked")  # N = 5: vanilla on CPU
-    with pytest.raises(ld.MethodRefusedError, match=r"'triton_chunked' cannot run .*log_decay requires grad"):
-        ld.attention(q, k, v, log_decay=learned, method="triton_chunked")
+    assert "triton_chunked" not in ld.explain(q, k, v, log_decay=learned).refusals
     with pytest.raises(ld.MethodRefusedError, match=r"'triton_recurrent' cannot run .*no gradient support"):
         ld.attention(q, k, v, log_decay=log_decay.requires_grad_(), method="triton_recurrent")
     lam = log_decay.detach()[:, :, 0].requires_grad_()

@@ -90,18 +90,13 @@ class TritonChunked(TritonMethod):
     supports_grad = True
     native_varlen = True  # one launch for all packed sequences (a program per sequence and head)
     time_complexity = "O(N C (Dk+Dv) + N Dk Dv)"
-    memory_complexity = "O(Dk Dv)"  # the state stays on chip; the backward stores no per-chunk states
+    # the state stays on chip; the backward stores per-chunk states only for a per-token decay's gradient
+    memory_complexity = "O(Dk Dv)"
     options = ("chunk_size", "precision")
     per_token_decay = True  # forward and backward (PER_TOKEN in both kernels' modules), packed sequences too
 
     def not_supported_reasons(self, x: AttentionInputs) -> list[str]:
         reasons = super().not_supported_reasons(x)
-        if x.per_token and x.log_decay.requires_grad and torch.is_grad_enabled():
-            reasons.append(
-                "no gradient for per-token decays (log_decay requires grad): the kernels' stateless form of it "
-                "cancels at strong decays; the torch chunked method's is exact (q, k, v grads with a fixed "
-                "per-token decay run here)"
-            )
         if x.offsets is not None and x.dtype == torch.bfloat16 and not INTERPRET:
             # measured on an H200 (2026-11-30): a wrong final state (2e9 x the tolerance) and, in another run, an
             # illegal memory access; fp32 / fp16 and bf16 without cu_seqlens passed. Until that is found, packed
@@ -110,7 +105,20 @@ class TritonChunked(TritonMethod):
         return reasons
 
     def extra_memory_bytes(self, x: AttentionInputs, *, chunk_size: int, precision: str) -> int:
-        return self._state_bytes(x)
+        return self._state_bytes(x) + self._decay_grad_bytes(x)
+
+    def _decay_grad_bytes(self, x: AttentionInputs) -> int:
+        """The backward's buffers for a per-token decay that requires grad (chunked_bwd's DG, `token_grad`): one
+        start state per chunk (B ceil(N / C) or S + ceil(N / C) of them) and the per-token sums per Dk block, at the
+        backward's first-choice tiles on a GPU (`chunked_bwd._bwd_tiles`: chunks of 64 tokens and Dk blocks of 64
+        for Dv <= 128, 32 and 32 beyond)."""
+        if not (x.per_token and x.log_decay.requires_grad and torch.is_grad_enabled()):
+            return 0
+        c = 64 if x.dv <= 128 else 32
+        chunks = -(-x.seq_len // c)
+        slots = x.num_sequences + chunks if x.offsets is not None else x.batch * chunks
+        sums = x.batch * x.heads * x.seq_len * -(-x.dk // c)
+        return elem_bytes(x) * (slots * x.heads * x.dk * x.dv + sums)
 
     def forward(self, x: AttentionInputs, *, chunk_size: int, precision: str):
         if chunk_size not in (16, 32, 64, 128):

@@ -22,14 +22,17 @@ sequence's own length T), so it needs no term of its own.
 
 With per-token decays (PER_TOKEN) the kernels take each chunk's factors from `prologue.token_decays`, as the
 forward does (exp(G_t - G_s), exp(G_t), exp(G_last - G_s), exp(G_last) for lambda^(i-j), lambda^(i+1),
-lambda^(L-1-j), lambda^L), which gives dq, dk, dv and dS_0 unchanged. They give no gradient for the per-token
-decays: the one form that needs no stored state, d log lambda_u = sum_{t >= u} (q_t . dq_t - k_t . dk_t) +
-<S_N, dS_N> (fla's chunk_simple_gla backward), subtracts terms of the size of the pairs near the diagonal to get
-a result as small as the decays across u (a kernel of it was off by 0.27 of the largest entry at log decays of
--15 in fp32); the exact sums of pair terms (leetdecoding.methods.gated_chunked) need the state and its gradient at
-every chunk's border together. TritonChunked refuses a per-token decay that requires grad.
+lambda^(L-1-j), lambda^L), which gives dq, dk, dv and dS_0 unchanged. The per-token decays' gradient (DG, when
+log_decay requires grad) is not the stateless d log lambda_u = sum_{t >= u} (q_t . dq_t - k_t . dk_t) + <S_N, dS_N>
+(fla's chunk_simple_gla backward), which subtracts terms of the size of the pairs near the diagonal to get a result
+as small as the decays across u (a kernel of it was off by 0.27 of the largest entry at log decays of -15 in fp32),
+but the exact sums of pair terms of leetdecoding.methods.gated_chunked, split between the dq kernel (each chunk's
+intra pairs and query side, knowing S) and the dk kernel (key side and w <S, D>, knowing D), as `token_grad`
+explains: the dq kernel stores each chunk's start state S^T for the dk kernel, which is then launched at the same
+chunk size.
 
-Nothing of size N Dk Dv (not even per-chunk states) is stored: memory is the inputs, outputs and their grads.
+Nothing of size N Dk Dv is stored: memory is the inputs, outputs and their grads, and only with DG one state per
+chunk (O(N/C Dk Dv), fp32) and a per-token sum per Dk block.
 Names as in `chunked_fwd` (K and V the head dims; dq, dk, dv the gradients' pointers and b_dq, b_dk, b_dv their
 tiles).
 """
@@ -45,6 +48,7 @@ from .common import INTERPRET, decay_power, dim_block, dot_flags, packed_rows, s
 from .launching import chunk_variants, launch, launcher, pipeline_stages, strides, warps
 from .prologue import NO_SPEC, block_range, chunk_decays, head_decays, program_head, sequence
 from .tile_math import _sum_combine, input_dot, mixed_dot, round_to_bf16
+from .token_grad import buffers, key_side, query_side, state_slot
 
 
 @triton.jit
@@ -56,14 +60,15 @@ def distances(BT: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit(do_not_specialize=NO_SPEC)
 def chunked_bwd_dq_kernel(
-    q, k, v, do, dq, s0, dg_q, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale, N, H, K, V,
+    q, k, v, do, dq, s0, dg_q, dgt, states, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale, N, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd, s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, VARLEN: tl.constexpr,
-    PER_TOKEN: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    PER_TOKEN: tl.constexpr, DG: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr,
+    MODE: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dq for one Dk block (all of Dv), walking forwards with S^T (V x BK); also this block's share of
-    d log lambda's query-side terms (the module docstring; per head only)."""
+    d log lambda's query-side terms (the module docstring): per head summed into dg_q; per token (DG) into dgt,
+    with each chunk's start state S^T stored into `states` (`token_grad`)."""
     i_bh, i_b, i_h = program_head(H)
     g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q = head_decays(log_decay, decay, i_h, BT, ACC)
     i_b, bos, T, i_n = sequence(cu_seqlens, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
@@ -77,11 +82,14 @@ def chunked_bwd_dq_kernel(
     p_do0 = do + i_b * sdb + i_h * sdh + bos * sdn + o_v[None, :] * sdd
     p_g0 = g + i_b * sgb + i_h * sgh + bos * sgn  # per-token log decays (PER_TOKEN)
     nk = tl.num_programs(1)
+    p_dgt0 = dgt + ((i_b * H + i_h) * N + bos) * nk + i_k  # DG: dgt is contiguous (B, H, N, Dk blocks), ACC
+    p_st0 = states + ((state_slot(i_n, bos, N, BT, VARLEN) * H + i_h) * V + o_v[:, None]) * K + o_k[None, :]
+    m_vk = m_v[:, None] & m_k[None, :]
 
     b_st = tl.zeros([BV, BK], dtype=ACC)  # S^T for this Dk block
     if USE_INITIAL_STATE:
         p_s0 = s0 + i_n * s0b + i_h * s0h + o_v[:, None] * s0v + o_k[None, :] * s0k
-        b_st = tl.load(p_s0, mask=m_v[:, None] & m_k[None, :], other=0).to(ACC)
+        b_st = tl.load(p_s0, mask=m_vk, other=0).to(ACC)
     b_dg = tl.zeros([BT], dtype=ACC)
     b_dist = distances(BT, ACC)
     e_q = (tl.arange(0, BT) + 1).to(ACC)  # t - p + 1: a query's distance to the state entering its chunk
@@ -103,6 +111,10 @@ def chunked_bwd_dq_kernel(
         if not PER_TOKEN:  # d log lambda: intra-chunk pairs by t - s, inter-chunk part by t - p + 1 (nothing cancels)
             b_dq_w = mixed_dot(b_dov * b_dist, b_k, True, MODE, PREC) + b_dq_inter * e_q[:, None]
             b_dg += tl.reduce(b_q.to(ACC) * b_dq_w, 1, _sum_combine)
+        if DG:  # per token: this chunk's query-side terms, and its start state for the dk kernel
+            b_dgt = query_side(b_q, b_k, b_dov, b_dq_inter, NATIVE_QK, ACC, PREC, BT)
+            tl.store(p_dgt0 + r_t * nk, b_dgt * scale, mask=m_t)
+            tl.store(p_st0 + i_c * (H * V * K), b_st, mask=m_vk)
         if ROUND_BF16:
             b_dq = round_to_bf16(b_dq)
         tl.store(p_dq0 + r_t[:, None] * K, b_dq.to(dq.dtype.element_ty), mask=m_tk)
@@ -113,17 +125,18 @@ def chunked_bwd_dq_kernel(
 
 @triton.jit(do_not_specialize=NO_SPEC)
 def chunked_bwd_dk_kernel(
-    q, k, v, do, dk, dsn, s0, ds0, dg_k, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale,
+    q, k, v, do, dk, dsn, s0, ds0, dg_k, dgt, states, log_decay, decay, g, sgb, sgh, sgn, neg, cu_seqlens, scale,
     N, H, K, V,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
     snb, snh, snk, snv, s0b, s0h, s0k, s0v,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_FINAL_GRAD: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, VARLEN: tl.constexpr, PER_TOKEN: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DG: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, NATIVE_QK: tl.constexpr, MODE: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):  # fmt: skip
     """dk for one Dk block (all of Dv), walking backwards with dH^T (V x BK) and its gap-weighted twin dH'^T;
     also dS_0 (with an initial state) and this block's share of d log lambda's key-side terms (the module
-    docstring; per head only)."""
+    docstring): per head summed into dg_k; per token (DG) completed in dgt from the dq kernel's `states`."""
     i_bh, i_b, i_h = program_head(H)
     g_hi, g_lo, c_hi, c_lo, b_lam_ij, b_lam_q = head_decays(log_decay, decay, i_h, BT, ACC)
     i_b, bos, T, i_n = sequence(cu_seqlens, i_b, N, VARLEN)  # T tokens from bos; i_n indexes states
@@ -139,6 +152,8 @@ def chunked_bwd_dk_kernel(
     p_dk0 = dk + ((i_b * H + i_h) * N + bos) * K + o_k[None, :]
     p_g0 = g + i_b * sgb + i_h * sgh + bos * sgn  # per-token log decays (PER_TOKEN)
     nk = tl.num_programs(1)
+    p_dgt0 = dgt + ((i_b * H + i_h) * N + bos) * nk + i_k  # DG: as in the dq kernel
+    p_st0 = states + ((state_slot(i_n, bos, N, BT, VARLEN) * H + i_h) * V + o_v[:, None]) * K + o_k[None, :]
 
     b_dht = tl.zeros([BV, BK], dtype=ACC)  # dH^T for this Dk block
     if USE_FINAL_GRAD:
@@ -170,6 +185,10 @@ def chunked_bwd_dk_kernel(
             b_dg += tl.reduce(b_k.to(ACC) * b_dk_w, 1, _sum_combine)
             b_dht_gap += n_c.to(ACC) * b_dht
             b_dht_gap = b_dht_gap * f_hi + b_dht_gap * f_lo
+        if DG:  # per token: the key-side terms and w <S, D>, b_dht being D at the chunk's end
+            p_st = p_st0 + i_c * (H * V * K)
+            key_side(p_dgt0 + r_t * nk, b_k, b_dk_inter, p_st, b_dht, f_hi, f_lo, m_vk, p_g0 + r_t * sgn, m_t, neg,
+                     BT, ACC)  # fmt: skip
         if ROUND_BF16:
             b_dk = round_to_bf16(b_dk)
         tl.store(p_dk0 + r_t[:, None] * K, b_dk.to(dk.dtype.element_ty), mask=m_tk)
@@ -261,10 +280,12 @@ def backward(
     scale: float,
     precision: str,
     cu_seqlens: torch.Tensor | None = None,
+    decay_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(dq, dk, dv, dlog_decay, dinitial_state or None); dlog_decay has log_decay's shape, and is zeros for per-token
-    decays (B, H, N) (or (1, H, T) packed), which get no gradient here (the module docstring). `final_state` is not
-    read; the parameter stays for the operator's schema (leetdecoding.methods.triton.ops)."""
+    """(dq, dk, dv, dlog_decay, dinitial_state or None); dlog_decay has log_decay's shape: (H,) per head, (B, H, N)
+    (or (1, H, T) packed) per token, where `decay_grad=False` skips it (zeros; `token_grad`'s buffers and work are
+    left out). `final_state` is not read; the parameter stays for the operator's schema
+    (leetdecoding.methods.triton.ops)."""
     B, H, N, Dk = q.shape
     rows = packed_rows(q, cu_seqlens, initial_state=initial_state, final_state=final_state, dfinal=dfinal)
     Dv = v.shape[-1]
@@ -276,6 +297,7 @@ def backward(
     g_split = split_log_decay(head)
     tokens = token_log_decays(log_decay)
     flags = dot_flags(q.dtype, precision)
+    per_token_grad = per_token and decay_grad
     flags["VARLEN"], flags["PER_TOKEN"] = cu_seqlens is not None, per_token
     cu = cu_seqlens if cu_seqlens is not None else log_decay  # a pointer the kernels never read without VARLEN
     dq = torch.empty(B, H, N, Dk, dtype=q.dtype, device=q.device)
@@ -285,30 +307,32 @@ def backward(
     dfinal_or_any = dfinal if dfinal is not None else q  # a pointer the kernel never reads without the flag
     s0_or_any = initial_state if initial_state is not None else q
     key = (Dk, Dv, q.dtype, precision, initial_state is not None, dfinal is not None, cu_seqlens is not None,
-           per_token)  # fmt: skip
+           per_token, per_token_grad)  # fmt: skip
 
     bt_k, bk, bvf = _bwd_tiles(Dk, Dv)
     nk = triton.cdiv(Dk, bk)
     dg_q = torch.empty(rows * H, nk, dtype=acc, device=q.device)
     dg_k = torch.empty(rows * H, nk, dtype=acc, device=q.device)
     sizes = (scale, N, H, Dk, Dv)
+    dgt = states = q  # placeholders the kernels never read without DG
 
     def run_dq(variant):
         bt, stages = variant
         launcher(chunked_bwd_dq_kernel)[(rows * H, nk)](
-            q, k, v, do, dq, s0_or_any, dg_q, g_split, decay_power(head, bt), *tokens, cu, *sizes,
+            q, k, v, do, dq, s0_or_any, dg_q, dgt, states, g_split, decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(initial_state),
-            BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, **flags,
+            BT=bt, BK=bk, BV=bvf, USE_INITIAL_STATE=initial_state is not None, DG=per_token_grad, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
         )  # fmt: skip
 
     def run_dk(variant):
         bt, stages = variant
         launcher(chunked_bwd_dk_kernel)[(rows * H, nk)](
-            q, k, v, do, dk, dfinal_or_any, s0_or_any, ds0 if ds0 is not None else dg_k, dg_k, g_split,
+            q, k, v, do, dk, dfinal_or_any, s0_or_any, ds0 if ds0 is not None else dg_k, dg_k, dgt, states, g_split,
             decay_power(head, bt), *tokens, cu, *sizes,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dfinal), *strides(initial_state),
-            BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, USE_INITIAL_STATE=ds0 is not None, **flags,
+            BT=bt, BK=bk, BV=bvf, USE_FINAL_GRAD=dfinal is not None, USE_INITIAL_STATE=ds0 is not None,
+            DG=per_token_grad, **flags,
             num_warps=warps(bvf * bk), num_stages=stages,
         )  # fmt: skip
 
@@ -323,12 +347,22 @@ def backward(
             num_warps=warps(bkf * bv), num_stages=stages,
         )  # fmt: skip
 
+    def run_dq_dk(variant):  # DG: the dk kernel reads the chunk states the dq kernel stored, at the same BT
+        nonlocal dgt, states
+        dgt, states = buffers(q, rows, Dv, variant[0], nk, cu_seqlens is not None, acc)
+        run_dq(variant)
+        run_dk(variant)
+
     stages = pipeline_stages(q.dtype)
-    launch(("dq", *key), chunk_variants(bt_k, stages), run_dq)
-    launch(("dk", *key), chunk_variants(bt_k, stages), run_dk)
+    if per_token_grad:
+        launch(("dq+dk", *key), chunk_variants(bt_k, stages), run_dq_dk)
+    else:
+        launch(("dq", *key), chunk_variants(bt_k, stages), run_dq)
+        launch(("dk", *key), chunk_variants(bt_k, stages), run_dk)
     launch(("dv", *key), chunk_variants(bt_v, stages), run_dv)
-    if per_token:  # no decay gradient (the module docstring): zeros of its shape for the operator's schema
-        return dq, dk, dv, torch.zeros_like(log_decay), ds0
+    if per_token:  # each Dk block's share of d log lambda_t summed (`token_grad`), or zeros for the schema
+        dg = dgt.sum(-1) if per_token_grad else torch.zeros_like(log_decay)
+        return dq, dk, dv, dg.to(log_decay.dtype), ds0
     # dlog_lambda: the query- and key-side distance-weighted sums (nothing cancels; the final state's pairs are
     # in the key side), per Dk block and sequence, summed per head
     dg = (dg_q.double().sum(-1) + dg_k.double().sum(-1)).view(rows, H).sum(0)

@@ -91,15 +91,18 @@ def _chunked_bwd(
     scale: float,
     precision: str,
     cu_seqlens: OptTensor,
+    decay_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with device_of(q):
         dq, dk, dv, dg, ds0 = chunked_backward(
-            q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision, cu_seqlens
+            q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision, cu_seqlens, decay_grad
         )
     return dq, dk, dv, dg, ds0 if ds0 is not None else q.new_empty((0,), dtype=log_decay.dtype)
 
 
-def _chunked_bwd_fake(q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision, cu_seqlens):
+def _chunked_bwd_fake(
+    q, k, v, log_decay, initial_state, final_state, do, dfinal, scale, precision, cu_seqlens, decay_grad
+):
     ds0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty((0,), dtype=log_decay.dtype)
     return (
         q.new_empty(q.shape),
@@ -120,7 +123,8 @@ chunked_fwd = _define(
 chunked_bwd = _define(
     "chunked_bwd",
     "(Tensor q, Tensor k, Tensor v, Tensor log_decay, Tensor? initial_state, Tensor? final_state, Tensor do, "
-    "Tensor? dfinal, float scale, str precision, Tensor? cu_seqlens) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? dfinal, float scale, str precision, Tensor? cu_seqlens, bool decay_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _chunked_bwd,
     _chunked_bwd_fake,
 )
@@ -137,13 +141,12 @@ def _chunked_setup(ctx, inputs, output):
 @backward_without_autocast
 def _chunked_grad(ctx, do, dfinal):
     q, k, v, log_decay, initial_state, final, cu_seqlens = ctx.saved_tensors
-    if log_decay.ndim == 3 and ctx.needs_input_grad[3]:  # TritonChunked refuses it; the op called directly
-        raise RuntimeError("triton_chunked has no gradient for per-token decays (log_decay requires grad).")
     if final is None or dfinal is None or dfinal.numel() == 0:
         dfinal, final = None, None
+    decay_grad = ctx.needs_input_grad[3]  # per token: the kernels skip the decay's gradient when not asked for
     with torch.no_grad():  # the kernels have no graph: under create_graph=True, refuse_double_backward says so
         dq, dk, dv, dg, ds0 = chunked_bwd(
-            q, k, v, log_decay, initial_state, final, do, dfinal, ctx.scale, ctx.precision, cu_seqlens
+            q, k, v, log_decay, initial_state, final, do, dfinal, ctx.scale, ctx.precision, cu_seqlens, decay_grad
         )
     grads = (dq, dk, dv, dg, ds0 if ctx.has_initial else None)
     grads = refuse_double_backward("triton_chunked", grads, (q, k, v, log_decay, initial_state, do, dfinal))
