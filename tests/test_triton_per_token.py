@@ -228,6 +228,33 @@ def strong(log_decay: torch.Tensor, kind: str) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+def test_chunked_gradients_with_the_head_dims_split_into_blocks(dtype, monkeypatch):
+    """On a GPU the backward splits Dk (dq, dk kernels) and Dv (dv kernel) into blocks of 64 or 32, each block a
+    program that adds its share of d log lambda per token and keeps its own tile of every chunk's start state; the
+    interpreter's tiles hold a whole head dim. Blocks of 16 here (Dk = 40: three, Dv = 24: two) and chunks of 16,
+    a learned decay with the edge values, against autograd of the fp64 recurrence."""
+    from leetdecoding.methods.triton.common import dim_block
+
+    monkeypatch.setattr(chunked_bwd, "_bwd_tiles", lambda d_split, d_full: (16, 16, dim_block(d_full)))
+    g = torch.Generator().manual_seed(3)
+    b, n, dk, dv = 2, 37, 40, 24
+    q, k = (torch.randn(b, H, n, dk, generator=g, dtype=torch.float64) for _ in range(2))
+    v, w = (torch.randn(b, H, n, dv, generator=g, dtype=torch.float64) for _ in range(2))
+    s0, w_state = (torch.randn(b, H, dk, dv, generator=g, dtype=torch.float64) for _ in range(2))
+    log_decay = edges(torch.rand(b, H, n, generator=g, dtype=torch.float64) * -2.0)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs = [t.to(DEVICE, d) for t, d in zip((q, k, v, log_decay, s0), (dtype,) * 3 + (state_dtype,) * 2)]
+    got_leaves = leaves_of(inputs)
+    o, state = ld.attention(*got_leaves[:3], log_decay=got_leaves[3], initial_state=got_leaves[4], scale=0.7,
+                            output_final_state=True, method="triton_chunked")  # fmt: skip
+    loss = (o * w.to(DEVICE, o.dtype)).sum() + (state * w_state.to(DEVICE, state.dtype)).sum()
+    got = torch.autograd.grad(loss, got_leaves)
+    leaves = leaves_of([t.cpu() for t in inputs], torch.float64)
+    o, state = recurrence(*leaves, 0.7)
+    assert_grads_close(got, torch.autograd.grad((o * w).sum() + (state * w_state).sum(), leaves), dtype)
+
+
 @pytest.mark.parametrize("kind", ["-5", "-15", "mixed"])
 @pytest.mark.parametrize("n", [20, 37])
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
