@@ -41,8 +41,9 @@ def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, devic
     The gradient of `decay` is d lambda = d g / lambda (g = log lambda, computed in fp64): exact wherever the method's
     d g is, which the custom backwards of chunked and recurrent give as sums of the terms that carry lambda_t's
     factor. A lambda of 0, or below exp(negligible(dtype)) (exp(-30) ~ 9e-14 for fp32), is a reset: the methods
-    make every factor across it exactly 0 and return d g = 0 there, so d lambda is 0 there too, not the one-sided
-    derivative <dL/dS_t, S_{t-1}> (which only the recurrence computes).
+    make every factor across it exactly 0 and return d g = 0 there. Where such a `decay` requires grad, the call
+    is cut at its resets (leetdecoding.segments._through_reset: lambda_t multiplies the state carried in), so that
+    d lambda there is the one-sided derivative <dL/dS_t, S_{t-1}>; not under torch.compile, where it stays 0.
 
     Raises:
         ValueError: both given, a wrong shape (the message names `layout`), NaN, a value out of range.

@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from .gates import negligible
 from .inputs import AttentionInputs
 from .memo import tracing
 from .methods.autograd import PlainAutogradFence
@@ -34,7 +35,8 @@ RECURRENT = Recurrent()
 
 def run(method: Method, x: AttentionInputs, options: dict):
     """Returns (o, final_state or None, checkpoints or None)."""
-    if x.checkpoints is None and (x.offsets is None or method.native_varlen):
+    resets = _reset_cuts(x)
+    if x.checkpoints is None and not resets and (x.offsets is None or method.native_varlen):
         if x.offsets is None:
             o, state = forward(method, x, options)
             return o, state, None
@@ -52,12 +54,13 @@ def run(method: Method, x: AttentionInputs, options: dict):
             state = None
         else:
             state = x.initial_state if x.offsets is None else x.initial_state[i : i + 1]
-        bounds = [start, *sorted(p for p in cuts if start < p < end), end]
+        bounds = [start, *sorted(p for p in cuts | resets if start < p < end), end]
         for a, b in zip(bounds, bounds[1:]):
             keep = b < end or b in cuts or x.output_final_state
             if a == b:
                 continue
-            out, state = forward(method, x.segment(a, b, state, keep), options)
+            segment = x.segment(a, b, state, keep)
+            out, state = forward(method, _through_reset(x, segment, a) if a in resets else segment, options)
             o[:, :, a:b] = out
             if b in cuts:
                 saved[b] = state
@@ -71,6 +74,28 @@ def run(method: Method, x: AttentionInputs, options: dict):
         rows = [saved[p] if x.offsets is None else saved[p][0] for p in x.checkpoints]
         checkpoints = torch.stack(rows) if rows else torch.zeros((0, *shape), dtype=x.compute_dtype, device=x.device)
     return o, final, checkpoints
+
+
+def _reset_cuts(x: AttentionInputs) -> set[int]:
+    """The tokens where a per-token decay given as lambda (AttentionInputs.reset_decay) is a reset in some row and
+    head: the segments start there (`_through_reset`)."""
+    if x.reset_decay is None:
+        return set()
+    reset = (x.log_decay < negligible(x.log_decay.dtype)).flatten(0, 1).any(0)
+    return set(torch.nonzero(reset).flatten().tolist())
+
+
+def _through_reset(x: AttentionInputs, segment: AttentionInputs, a: int) -> AttentionInputs:
+    """The segment starting at token a with lambda_a moved from its decays into its initial state: S_a = 1 *
+    (lambda_a S_{a-1}) + k_a^T v_a, the recurrence itself, now with lambda_a's gradient <dL/dS_a, S_{a-1}> through
+    the product (the methods count a reset as an exact 0 and give its log decay a zero gradient)."""
+    start = segment.initial_state if segment.initial_state is not None else zero_states(segment, segment.batch)
+    g = segment.log_decay
+    return dataclasses.replace(
+        segment,
+        initial_state=x.reset_decay[:, :, a, None, None] * start,
+        log_decay=torch.cat([torch.zeros_like(g[..., :1]), g[..., 1:]], dim=-1),
+    )
 
 
 def _empty_state(x: AttentionInputs) -> torch.Tensor:

@@ -199,32 +199,56 @@ def test_packed_sequences_and_checkpoints_with_gradients():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-10), f"d{name}"
 
 
-@pytest.mark.parametrize("method", ["chunked", "vanilla"])
+@pytest.mark.parametrize("method", ["chunked", "vanilla", "recurrent"])
 def test_the_gradient_of_a_decay_given_as_lambda(method):
-    """decay= (lambda) with values from 1e-2 down to 1e-12 and a reset (0): d lambda = d g / lambda matches the fp64
-    recurrence to fp32 accuracy (measured up to 1.3e-6 relative), and is 0 at the reset (gates.canonical_gates).
-    vanilla runs the same backward over one block (autograd through its block had 1.2e-3 at 1e-12)."""
-    q, k, v, do, log_decay, _, _ = problem(b=1, n=60)
+    """decay= (lambda) with values from 1e-2 down to 1e-12, and resets (1e-20 is one in fp32, below exp(-30); 0),
+    in two batch rows, from an initial state: d lambda matches the fp64 recurrence to fp32 accuracy. At a reset it
+    is the one-sided <dL/dS_t, S_{t-1}> (segments cut there, leetdecoding.segments._through_reset), not 0; vanilla
+    runs gated_chunked's backward over one block (autograd through its block had 1.2e-3 at 1e-12)."""
+    q, k, v, do, log_decay, s0, ds = problem(b=2, n=70)
     lam = torch.exp(log_decay)
-    small = [1e-2, 1e-6, 1e-10, 1e-12, 0.0]
-    for i, x in enumerate(small):
-        lam[0, i % H, 5 + 11 * i] = x  # inside chunks, at 16 and at 49
-    inputs = [t.float() for t in (q, k, v, lam)]
+    small = [1e-2, 1e-6, 1e-10, 1e-12, 1e-20, 0.0]
+    at = [(i % 2, i % H, 5 + 11 * i) for i in range(len(small))]  # inside chunks, at 16, 49, and token 60
+    for x, where in zip(small, at):
+        lam[where] = x
+    inputs = [t.float() for t in (q, k, v, lam, s0)]
     leaves = [t.clone().requires_grad_() for t in inputs]
-    o = ld.attention(*leaves[:3], decay=leaves[3], scale=SCALE, method=method)
-    got = torch.autograd.grad((o.double() * do).sum(), leaves)[3]
+    o, state = ld.attention(*leaves[:3], decay=leaves[3], initial_state=leaves[4], scale=SCALE,
+                            output_final_state=True, method=method)  # fmt: skip
+    got = torch.autograd.grad((o.double() * do).sum() + (state.double() * ds).sum(), leaves)
     ref_leaves = [t.double().requires_grad_() for t in inputs]
-    want = torch.autograd.grad((recurrence_of_lambda(*ref_leaves)[0] * do).sum(), ref_leaves[3])[0]
-    for i, x in enumerate(small):
-        at = (0, i % H, 5 + 11 * i)
-        if x == 0.0:
-            assert got[at].item() == 0.0
-        else:
-            err = abs(got[at].item() - want[at].item()) / abs(want[at].item())
-            assert err < 1e-5, f"d lambda at lambda = {x}: relative error {err:.2e}"
-    others = torch.ones_like(got, dtype=torch.bool)
-    others[0, [i % H for i in range(5)], [5 + 11 * i for i in range(5)]] = False
-    assert torch.allclose(got[others].double(), want[others], rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    o, state = recurrence_of_lambda(*ref_leaves)
+    want = torch.autograd.grad((o * do).sum() + (state * ds).sum(), ref_leaves)
+    for x, where in zip(small, at):
+        err = abs(got[3][where].item() - want[3][where].item()) / abs(want[3][where].item())
+        assert err < 1e-5, f"d lambda at lambda = {x}: relative error {err:.2e}"
+    for name, a, b in zip(("q", "k", "v", "decay", "initial_state"), got, want):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), name
+
+
+def test_the_gradient_of_a_decay_given_as_lambda_at_resets_in_packed_sequences():
+    """Packed sequences (cu_seqlens) with lambda = 0 at a sequence's first token, inside one and at a chunk edge:
+    each reset's d lambda is its one-sided value, each sequence from its own initial state."""
+    q, k, v, do, log_decay, _, _ = problem(b=1, n=50)
+    cuts = [0, 20, 50]
+    s0 = problem(b=2, n=1, seed=1)[5]
+    lam = torch.exp(log_decay)
+    for t in (7, 16, 20, 33):
+        lam[0, t % H, t] = 0.0
+    inputs = [t.float() for t in (q, k, v, lam, s0)]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    cu = torch.tensor(cuts)
+    o = ld.attention(*leaves[:3], decay=leaves[3], initial_state=leaves[4], scale=SCALE, cu_seqlens=cu,
+                     method="chunked")  # fmt: skip
+    got = torch.autograd.grad((o.double() * do).sum(), leaves)
+    ref_leaves = [t.double().requires_grad_() for t in inputs]
+    parts = [recurrence_of_lambda(*(t[:, :, a:b] for t in ref_leaves[:4]), ref_leaves[4][i : i + 1])[0]
+             for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]  # fmt: skip
+    want = torch.autograd.grad((torch.cat(parts, 2) * do).sum(), ref_leaves)
+    for name, a, b in zip(("q", "k", "v", "decay", "initial_state"), got, want):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), name
+    for t in (7, 16, 20, 33):
+        assert got[3][0, t % H, t].item() != 0.0 and want[3][0, t % H, t].item() != 0.0
 
 
 MEASURE = """
