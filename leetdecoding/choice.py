@@ -36,7 +36,7 @@ def walk(order: list[str], among: tuple[str, ...], why: str, reasons) -> tuple[s
     (name or "", why, the refusals before it)."""
     if among:
         order = [n for n in order if n in among]
-        why = f"the first of {list(among)} in auto's order that can run; " + why
+        why = f"the first of {list(among)} in auto's order that can run (auto's order here: {why})"
     refusals: dict[str, list[str]] = {}
     for n in order:
         r = reasons(n)

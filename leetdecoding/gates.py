@@ -54,10 +54,13 @@ def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, devic
     name = "decay" if decay is not None else "log_decay"
     t = _decay._as_float_tensor(name, decay if decay is not None else log_decay)
     if tuple(t.shape) != tuple(shape):
+        hint = "MiniMax's slope buffer is (H, 1, 1): pass slope.reshape(-1); fla's (B, T, H) gates g: pass "
+        hint += "g.transpose(1, 2)"
+        if tuple(t.shape) == (*shape, 1):  # e.g. one token's decay sliced as g[:, :, t : t + 1]
+            hint = f"drop the last axis of size 1: pass {name}.squeeze(-1)"
         raise ValueError(
             f"{name} must be a float, a tensor of shape ({shape[1]},) (one value per head) or a per-token one of "
-            f"shape {tuple(shape)} {layout}; got shape {tuple(t.shape)}. Hint: MiniMax's slope buffer is (H, 1, 1): "
-            "pass slope.reshape(-1); fla's (B, T, H) gates g: pass g.transpose(1, 2)."
+            f"shape {tuple(shape)} {layout}; got shape {tuple(t.shape)}. Hint: {hint}."
         )
     bad = torch.isnan(t) | ((t < 0) | (t > 1) if decay is not None else t > 0)
     if bool(bad.any()):

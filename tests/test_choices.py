@@ -60,6 +60,8 @@ def test_a_list_of_methods_is_auto_among_them():
         ld.attention(q, q, q, decay=0.9, method=["fleet"])
     assert [c.method.name for c in made] == ["fleet", "fleet"]  # fleet comes before recurrent in auto's order
     assert "forced by method='fleet'" in made[1].reason
+    # the reason names the list and gives auto's own order as context, not as the reason for a method not listed
+    assert made[0].reason.startswith("the first of ['recurrent', 'fleet'] in auto's order that can run (auto's order")
     with pytest.raises(ValueError, match=r"unknown method 'fast' in method=\['chunked', 'fast'\]"):
         ld.attention(q, q, q, method=["chunked", "fast"])
     with pytest.raises(TypeError, match="method must be a string"):

@@ -45,3 +45,11 @@ def test_shallow_block_with_huge_keys_and_small_queries():
     ref = reference(q, k, v, torch.exp(log_decay))
     o = ld.attention(q.float(), k.float(), v.float(), log_decay=log_decay.float(), method="chunked")
     assert_close("chunked output", o, ref.o, ref.o_abs, torch.float32)
+
+
+def test_a_decode_decay_with_a_trailing_axis_gets_a_squeeze_hint():
+    """One token's decays sliced as g[:, :, t : t + 1] are (B, H, 1); decode_step takes (B, H): the message says
+    which argument, the shapes, and to squeeze the last axis (a new user met the MiniMax / fla hint there)."""
+    q = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"log_decay .* \(2, 3\) .* got shape \(2, 3, 1\).*log_decay\.squeeze\(-1\)"):
+        ld.decode_step(q, q, q, torch.zeros(2, 3, 4, 4), log_decay=-torch.rand(2, 3, 1))
