@@ -332,7 +332,10 @@ def validate_decode(q, k, v, state, decay, log_decay, scale, out_state, derive=N
         cd = compute_dtype_for(q.dtype)
     if is_per_token(decay, log_decay):  # this step's own decay per sequence and head (leetdecoding.gates)
         log = canonical_gates(decay, log_decay, tuple(q.shape[:2]), "(B, H) for a decode step", q.device, cd)
-        derived = (torch.exp(log.double()).to(cd)[..., None, None],)  # lambda (B, H, 1, 1) for the step
+        if isinstance(decay, torch.Tensor) and decay.requires_grad:  # lambda itself: its gradient also at 0
+            derived = (decay.to(device=q.device, dtype=cd)[..., None, None],)  # (a reset, where exp(log) has none)
+        else:
+            derived = (torch.exp(log.double()).to(cd)[..., None, None],)  # lambda (B, H, 1, 1) for the step
     else:
         log = _decay.canonical_log_decay(decay, log_decay, q.shape[1], q.device, cd, derive)
         log, derived = (log, ()) if derive is None else (log[0], log[1:])

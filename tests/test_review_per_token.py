@@ -53,3 +53,24 @@ def test_a_decode_decay_with_a_trailing_axis_gets_a_squeeze_hint():
     q = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match=r"log_decay .* \(2, 3\) .* got shape \(2, 3, 1\).*log_decay\.squeeze\(-1\)"):
         ld.decode_step(q, q, q, torch.zeros(2, 3, 4, 4), log_decay=-torch.rand(2, 3, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_decode_step_gradient_of_a_decay_given_as_lambda_at_a_reset(dtype):
+    """decode_step with a (B, H) decay= (lambda) that requires grad, 0 and 1e-20 among it: d lambda is the one-sided
+    <dL/dS_new, S_old> (the step multiplies by lambda itself), as the fp64 step's autograd gives; exp(log lambda)
+    gave 0 at lambda = 0."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    state = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    lam = torch.rand(2, 3, generator=g, dtype=torch.float64)
+    lam[0, 1], lam[1, 2] = 0.0, 1e-20
+    leaf = lam.to(dtype).requires_grad_()
+    o, new = ld.decode_step(q.to(dtype), k.to(dtype), v.to(dtype), state.to(dtype), decay=leaf)
+    (got,) = torch.autograd.grad(o.double().sum() + new.double().pow(2).sum(), leaf)
+    ref = lam.clone().requires_grad_()
+    new = ref[..., None, None] * state + k[..., :, None] * v[..., None, :]
+    (want,) = torch.autograd.grad((q[..., None, :] @ new).sum() + new.pow(2).sum(), ref)
+    assert want[0, 1] != 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
