@@ -147,7 +147,7 @@ def _pair_magnitude(q, k, v, do, log_decay):
 @pytest.mark.parametrize("lam,d", [(0.05, 16), (0.99, 64)])
 def test_the_decay_gradient_is_as_accurate_as_autograd_of_the_chunk_loop(lam, d):
     """Error of d g per token relative to the magnitude of its terms, against plain autograd of the same chunk
-    loop (gated.forward_blocks, the path this backward replaced). Measured: lambda 0.05, D 16: 1.1e-5 both (the
+    loop (gated.blocks_differentiable, the path this backward replaced). Measured: lambda 0.05, D 16: 1.1e-5 both (the
     fp32 rounding of q . k where it cancels); lambda 0.99, D 64: 2.5e-8 against autograd's 1.2e-7."""
     gen = torch.Generator().manual_seed(1)
     q, k, v, do = (torch.randn(1, 2, 256, d, generator=gen) for _ in range(4))
@@ -159,8 +159,10 @@ def test_the_decay_gradient_is_as_accurate_as_autograd_of_the_chunk_loop(lam, d)
     for name in ("custom", "autograd"):
         leaf = g.clone().requires_grad_()
         x = validate(q, k, v, log_decay=leaf)
-        o = Chunked().forward(x, chunk_size=64, span_bytes=1 << 20)[0] if name == "custom" else \
-            gated.forward_blocks(x, 64)[0]  # fmt: skip
+        if name == "custom":
+            o = Chunked().forward(x, chunk_size=64, span_bytes=1 << 20)[0]
+        else:
+            o = gated.blocks_differentiable(q, k, v, x.log_decay, torch.zeros(1, 2, d, d), 1.0, 64)[0]
         (got,) = torch.autograd.grad((o * do).sum(), leaf)
         errors[name] = ((got.double() - ref).abs()[..., 1:] / magnitude).max().item()
     assert errors["custom"] <= 1.5 * errors["autograd"] and errors["custom"] < 2e-5, errors
@@ -262,7 +264,10 @@ q, k, v = (torch.randn(1, 2, 8192, 16, generator=g).requires_grad_() for _ in ra
 log_decay = -torch.rand(1, 2, 8192, generator=g).requires_grad_()
 def run(new):
     x = validate(q, k, v, log_decay=log_decay)
-    o = Chunked().forward(x, chunk_size=64, span_bytes=8 << 20)[0] if new else gated.forward_blocks(x, 64)[0]
+    if new:
+        o = Chunked().forward(x, chunk_size=64, span_bytes=8 << 20)[0]
+    else:  # plain autograd through the chunk loop: every chunk's products and tables kept
+        o = gated.blocks_differentiable(q, k, v, x.log_decay, torch.zeros(1, 2, 16, 16), 1.0, 64)[0]
     return torch.autograd.grad(o.sum(), (q, k, v, log_decay))
 peaks = {}
 for name in ("new", "old", "new", "old"):  # the first of each warms up

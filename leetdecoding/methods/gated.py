@@ -6,9 +6,7 @@ sequence for the quadratic form), in fp64:
     o_t   = scale ( sum_{s<=t} exp(G_t - G_s) (q_t . k_s) v_s + exp(G_t) q_t S_start )
     S_end = exp(G_last) S_start + sum_s exp(G_last - G_s) k_s^T v_s
 
-Every exponent is <= 0. The quadratic form (vanilla) is differentiated by autograd (inside one node,
-leetdecoding.methods.autograd.PlainAutogradFence, so that its backward computes without autocast and its
-second derivatives are exact); the chunk loop of the chunked method has its own backward
+Every exponent is <= 0. The chunk loop (chunked; vanilla runs it as one block) has its own backward
 (leetdecoding.methods.gated_chunked; `blocks_differentiable` gives its second derivatives); the recurrence has its
 own backward, token by token, with
 R_t = dL/dS_t = scale q_t^T do_t + lambda_{t+1} R_{t+1}: dq_t = scale do_t S_t^T, dk_t = R_t v_t,
@@ -21,7 +19,7 @@ import torch
 
 from ..gates import Sums, causal_mask, survey
 from ..inputs import AttentionInputs
-from .autograd import PlainAutogradFence, RecurrenceFunction
+from .autograd import RecurrenceFunction
 from .base import output_buffer, zero_states
 
 
@@ -133,14 +131,8 @@ def blocks_in_place(q, k, v, g, s0, scale: float, size: int, save_at=(), shallow
 
 
 def forward_blocks(x: AttentionInputs, size: int):
-    """(o in the input dtype, final state) of the blocks of `size` tokens in turn (size >= N: one block),
-    differentiable by autograd inside one node."""
-    if x.requires_grad:
-
-        def run(q, k, v, g, s0):
-            return blocks_differentiable(q, k, v, g, s0, x.scale, size)
-
-        return PlainAutogradFence.apply(run, x.q, x.k, x.v, x.log_decay, _initial(x))
+    """(o in the input dtype, final state) of the blocks of `size` tokens in turn (size >= N: one block), without
+    gradients (with them, the methods run gated_chunked's autograd Function)."""
     return blocks_in_place(x.q, x.k, x.v, x.log_decay, _initial(x), x.scale, size)[:2]
 
 
