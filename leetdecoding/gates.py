@@ -43,7 +43,8 @@ def canonical_gates(decay, log_decay, shape: tuple[int, ...], layout: str, devic
     factor. A lambda of 0, or below exp(negligible(dtype)) (exp(-30) ~ 9e-14 for fp32), is a reset: the methods
     make every factor across it exactly 0 and return d g = 0 there. Where such a `decay` requires grad, the call
     is cut at its resets (leetdecoding.segments._through_reset: lambda_t multiplies the state carried in), so that
-    d lambda there is the one-sided derivative <dL/dS_t, S_{t-1}>; not under torch.compile, where it stays 0.
+    d lambda there is the one-sided derivative <dL/dS_t, S_{t-1}>; not under torch.compile nor in
+    leetdecoding.distributed.attention (it passes log decays on), where it stays 0.
 
     Raises:
         ValueError: both given, a wrong shape (the message names `layout`), NaN, a value out of range.
