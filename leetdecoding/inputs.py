@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decay as _decay
-from .gates import canonical_gates, is_per_token, negligible
+from .gates import canonical_gates, is_per_token
 from .memo import tracing
 from .positions import check_checkpoints, check_cu_seqlens
 
@@ -43,9 +43,9 @@ class AttentionInputs:
     offsets: list[int] | None = None
     checkpoints: list[int] | None = None  # also return the state after each of these many tokens
     cu_seqlens: torch.Tensor | None = None
-    # A per-token decay given as lambda (decay=) that autograd will differentiate and that holds a reset, in
-    # compute_dtype: leetdecoding.segments cuts the call at the resets so that lambda's gradient there is its
-    # one-sided value <dL/dS_t, S_{t-1}> rather than 0 (a reset's log is -inf or below gates.negligible).
+    # A per-token decay given as lambda (decay=) that autograd will differentiate, in compute_dtype:
+    # leetdecoding.segments cuts the call at its resets so that lambda's gradient there is its one-sided value
+    # <dL/dS_t, S_{t-1}> rather than 0 (a reset's log is -inf or below gates.negligible).
     reset_decay: torch.Tensor | None = None
     # the sizes, read from q and v once
     batch: int = field(init=False)
@@ -248,14 +248,12 @@ def validate(
 
 
 def _reset_decay(decay, log: torch.Tensor, cd: torch.dtype) -> torch.Tensor | None:
-    """AttentionInputs.reset_decay: the per-token `decay` (lambda) in `cd` on log's device when it requires grad
-    and holds a reset (its log, `log`, below gates.negligible); else None. Not while a graph is recorded (the
-    check reads values; compiled calls keep a reset's lambda gradient at 0)."""
+    """AttentionInputs.reset_decay: the per-token `decay` (lambda) in `cd` on log's device when it requires grad;
+    else None. Not while a graph is recorded (segments reads where the resets are; compiled calls keep a reset's
+    lambda gradient at 0)."""
     if not (isinstance(decay, torch.Tensor) and decay.ndim >= 2 and decay.requires_grad and torch.is_grad_enabled()):
         return None
-    if tracing() or not bool((log < negligible(cd)).any()):
-        return None
-    return decay.to(device=log.device, dtype=cd)
+    return None if tracing() else decay.to(device=log.device, dtype=cd)
 
 
 def _log_decay(decay, log_decay, q: torch.Tensor, packed: bool, cd: torch.dtype) -> torch.Tensor:
